@@ -1,0 +1,265 @@
+"""The `chx` command line. Thin: parses options and calls `chx.pipeline` functions.
+
+User mistakes (:class:`chx.errors.ChxError`) print one line and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from chx.errors import ChxError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """Keeps commands in the order they were added (the pipeline's order) in --help."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(package_name="chx")
+def cli():
+    """chx: CheXFusion-style multi-view, long-tailed chest X-ray classification.
+
+    Stages run one after the other, each restartable:
+    prepare -> train-backbone -> extract-features -> train-fusion -> evaluate / predict.
+    """
+
+
+# ----------------------------------------------------------------------------------------- prepare
+
+def _with_adapters(f):
+    """Put the adapter list (name and one line each) into the command's help."""
+    from chx.data.adapters import ADAPTERS
+    listing = "\n".join(f"      {name:<10} {a.summary}" for name, a in ADAPTERS.items())
+    f.__doc__ = f.__doc__.replace("{adapters}", listing)
+    return f
+
+
+@cli.command(context_settings=CONTEXT, epilog=None)
+@click.argument("dataset")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Manifest to write (.parquet, or .csv).  [default: DATASET.parquet]")
+@click.option("--classes", default=None, metavar="LIST",
+              help="Target class list: 'cxr-lt-2023' (the 26 CXR-LT 2023 classes), 'data' (the "
+                   "dataset's own classes), a comma-separated list, or a file with one class per "
+                   "line.  [default: cxr-lt-2023; 'data' for covid]")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Images root: find each image under it and store its path relative to it.")
+@click.option("--only-existing", is_flag=True,
+              help="With --images: drop rows whose image file is not under the root.")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True,
+              help="Fraction of patients for validation (split by patient, rare classes kept in each split).")
+@click.option("--test-fraction", type=float, default=0.0, show_default=True,
+              help="Fraction of patients for test.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option("--uncertain", type=click.Choice(["ignore", "ones", "zeros"]), default="ignore",
+              show_default=True, help="chexpert: what -1 (uncertain) becomes: null, 1 or 0.")
+@click.option("--min-readers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vindr: a finding is positive when at least this many readers marked it.")
+@_with_adapters
+def prepare(dataset, sources, out, classes, images, only_existing, val_fraction, test_fraction,
+            seed, uncertain, min_readers):
+    """Turn a dataset's native label files into a chx manifest.
+
+    DATASET is one of the adapters below; SOURCES are its label files (or folder). Classes are
+    harmonised onto the target list; a class the dataset does not annotate is left empty (null),
+    never 0.
+
+    \b
+    Datasets:
+{adapters}
+
+    \b
+    Examples:
+      chx prepare nih Data_Entry_2017_v2020.csv --images nih/ --val-fraction 0.1 -o nih.parquet
+      chx prepare chexpert CheXpert-v1.0-small/train.csv --uncertain ignore -o chexpert.parquet
+      chx prepare covid covid-cxr/metadata.csv --images covid-cxr/images --val-fraction 0.2
+    """
+    from chx.data.adapters import get_adapter
+    from chx.pipeline.prepare import prepare as run_prepare
+
+    ctx = click.get_current_context()
+    get_adapter(dataset)  # unknown name -> one clear line
+    for name, owner in (("uncertain", "chexpert"), ("min_readers", "vindr")):
+        given = ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        if given and dataset != owner:
+            raise ChxError(f"--{name.replace('_', '-')} applies only to `chx prepare {owner}`")
+    if only_existing and images is None:
+        raise ChxError("--only-existing needs --images ROOT (the folder to look for the images in)")
+    for src in sources:
+        if not src.exists():
+            raise ChxError(f"{src} does not exist; give the dataset's label file(s) or folder")
+    options = {"chexpert": {"uncertain": uncertain}, "vindr": {"min_readers": min_readers}}.get(dataset, {})
+    out = out or Path(f"{dataset}.parquet")
+    s = run_prepare(dataset, list(sources), out, classes=classes, images=images,
+                    only_existing=only_existing, val_fraction=val_fraction,
+                    test_fraction=test_fraction, seed=seed, options=options)
+    splits = ", ".join(f"{k if k != 'None' else 'unassigned'} {v:,}" for k, v in s["splits"].items())
+    click.echo(f"wrote {out}: {s['images']:,} images, {s['studies']:,} studies "
+               f"({s['multi_view_studies']:,} multi-view), {s['subjects']:,} patients, "
+               f"{len(s['positives'])} classes; splits: {splits}")
+    annotated = [c for c in s["positives"] if s["annotated"][c]]
+    missing = [c for c in s["positives"] if not s["annotated"][c]]
+    click.echo("positives: " + ", ".join(f"{c} {s['positives'][c]:,}" for c in annotated))
+    if missing:
+        click.echo(f"not annotated by {dataset} (null): " + ", ".join(missing))
+
+
+# ----------------------------------------------------------------------------------------- training
+
+def train_options(f):
+    """Optimisation options shared by train-backbone and train-fusion (paper defaults)."""
+    opts = [
+        click.option("--epochs", type=float, default=6.0, show_default=True,
+                     help="Epochs (fractions allowed)."),
+        click.option("--batch-size", type=int, default=8, show_default=True, help="Batch size per process."),
+        click.option("--lr", type=float, default=3e-5, show_default=True, help="AdamW peak learning rate."),
+        click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay."),
+        click.option("--warmup", type=float, default=0.05, show_default=True,
+                     help="Linear warm-up, as a fraction of all steps; then cosine decay (stepped per step)."),
+        click.option("--grad-accum", type=int, default=1, show_default=True,
+                     help="Batches accumulated per optimizer step."),
+        click.option("--clip-grad", type=float, default=1.0, show_default=True,
+                     help="Max gradient norm (0 = no clipping)."),
+        click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+                     show_default=True, help="Mixed precision on GPU (auto: bf16 if supported, else fp16 "
+                     "with a grad scaler); CPU always runs fp32."),
+        click.option("--ema", type=float, default=0.0, show_default=True,
+                     help="EMA decay of the weights used for validation and prediction (0 = off; e.g. 0.999)."),
+        click.option("--val-every", type=float, default=0.25, show_default=True,
+                     help="Validate (and checkpoint) every this fraction of an epoch."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, order, augmentation."),
+        click.option("--workers", type=int, default=2, show_default=True, help="DataLoader worker processes."),
+        click.option("--max-steps", type=int, default=0, show_default=True,
+                     help="Stop after this many optimizer steps (0 = train all epochs); the schedule is unchanged."),
+        click.option("--log-every", type=int, default=10, show_default=True,
+                     help="Write the training loss to metrics.jsonl every this many steps."),
+        click.option("--nonfinite", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+                     help="On a NaN/inf loss: stop (naming the step and images) or skip that batch."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (cuda if available), cpu or cuda."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt, exactly."),
+        click.option("--overwrite", is_flag=True, help="Start again in an --out that already holds a run."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _train_config(kw: dict):
+    from chx.pipeline.trainer import TrainConfig
+    names = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: kw.pop(k) for k in list(kw) if k in names})
+
+
+@cli.command("train-backbone", context_settings=CONTEXT)
+@click.option("--manifest", "manifests", multiple=True, required=True,
+              type=click.Path(path_type=Path),
+              help="Manifest(s); repeat to train on their union (e.g. with a pseudo-labelled one). "
+                   "Rows with split 'train' or no split train; split 'val' validates.")
+@click.option("--images", "images", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Images root; once for all manifests or once per --manifest.")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/backbone"),
+              show_default=True, help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
+@click.option("--model", default="convnext_small.fb_in22k_ft_in1k", show_default=True,
+              help="Any timm ConvNeXt name (e.g. convnext_atto for a quick CPU run).")
+@click.option("--size", type=click.IntRange(min=32), default=1024, show_default=True,
+              help="Input size in pixels (square).")
+@click.option("--resize", type=click.Choice(["letterbox", "squash"]), default="letterbox", show_default=True,
+              help="Keep the aspect ratio and pad (letterbox) or stretch (squash, the reference's way).")
+@click.option("--pretrained/--no-pretrained", default=True, show_default=True,
+              help="Start from timm's pretrained weights (needs the network once).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local timm/safetensors weights file to start from (offline alternative to --pretrained).")
+@click.option("--balance/--no-balance", default=True, show_default=True,
+              help="Class-aware balanced sampling (round-robin over classes).")
+@click.option("--tta/--no-tta", default=True, show_default=True,
+              help="Validation with the mean of the image and its horizontal flip.")
+@click.option("--grad-checkpointing", is_flag=True, help="Trade compute for memory (large inputs on GPU).")
+@train_options
+def train_backbone(manifests, images, out, model, size, resize, pretrained, weights, balance, tta,
+                   grad_checkpointing, resume, overwrite, **kw):
+    """Stage 1: train a ConvNeXt + ML-Decoder image classifier with weighted ASL.
+
+    \b
+    Example (a quick CPU run on real images):
+      chx train-backbone --manifest covid.parquet --images covid-cxr/images \\
+          --model convnext_atto --size 256 --no-pretrained --epochs 3 -o runs/covid-b
+    """
+    from chx.pipeline.train_backbone import BackboneOptions
+    from chx.pipeline.train_backbone import train_backbone as run
+
+    cfg = _train_config(kw)
+    opts = BackboneOptions(model=model, size=size, resize=resize, pretrained=pretrained,
+                           weights=weights, balance=balance, tta=tta,
+                           grad_checkpointing=grad_checkpointing)
+    result = run(list(manifests), list(images), out, opts, cfg, resume=resume, overwrite=overwrite)
+    _report_fit(result)
+
+
+def _report_fit(result) -> None:
+    if result.interrupted:
+        sys.exit(128 + int(result.interrupted))
+    m = result.last_metrics or {}
+    summary = f"; val mAP {m['mAP']:.4f}, mAUC {m['mAUC']:.4f}" if "mAP" in m else ""
+    best = f" (best val mAP {result.best_metric:.4f})" if result.best_metric not in (None, float("-inf")) else ""
+    click.echo(f"trained {result.step} steps{summary}{best}; run folder {result.out}")
+
+
+@cli.command("pseudo-label", context_settings=CONTEXT)
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Stage-1 checkpoint (best.pt of train-backbone).")
+@click.option("--manifest", required=True, type=click.Path(path_type=Path),
+              help="Manifest to fill, prepared onto the checkpoint's classes (e.g. NIH onto CXR-LT's 26).")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Images root of that manifest.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Manifest to write, with null labels replaced by probabilities.")
+@click.option("--tta/--no-tta", default=True, show_default=True, help="Mean of the image and its hflip.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def pseudo_label(checkpoint, manifest, images, out, tta, batch_size, workers, device):
+    """Self-training: fill a manifest's unannotated (null) labels with soft pseudo labels.
+
+    Only null entries change; the dataset's own 0/1 labels stay. Train again on the union with
+    `chx train-backbone --manifest own.parquet --manifest pseudo.parquet --images A --images B`.
+    """
+    from chx.pipeline.pseudo_label import pseudo_label as run
+
+    s = run(checkpoint, manifest, images, out, tta=tta, batch_size=batch_size, workers=workers,
+            device=device)
+    click.echo(f"wrote {out}: {s['images']:,} images; {s['filled']:,} null labels filled with "
+               f"probabilities, {s['kept']:,} labels kept")
+
+
+# ----------------------------------------------------------------------------------------- entry
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        rc = cli.main(args=argv, prog_name="chx", standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except ChxError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)

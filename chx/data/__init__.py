@@ -1,0 +1,1 @@
+"""Manifests, dataset adapters, image decoding, transforms and samplers."""

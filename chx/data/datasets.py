@@ -1,0 +1,75 @@
+"""Torch datasets over a manifest (stage 1: one item per image)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch.utils.data import Dataset
+
+from chx.data.images import load_image
+from chx.data.manifest import class_columns
+from chx.data.transforms import Preprocess, eval_transform, train_transform
+from chx.errors import ChxError
+
+
+def label_matrix(df: pl.DataFrame, classes: list[str]) -> np.ndarray:
+    """[N, K] float32 labels with NaN for null (not annotated)."""
+    if not classes:
+        return np.zeros((df.height, 0), np.float32)
+    return df.select(classes).cast(pl.Float32).to_numpy().astype(np.float32)
+
+
+def check_paths(df: pl.DataFrame, source: str = "manifest") -> None:
+    """Refuse paths that are absolute or climb out of the images root (``../../etc/passwd``)."""
+    p = df["path"]
+    bad = p.str.starts_with("/") | p.str.contains(r"(^|[\\/])\.\.([\\/]|$)") | p.str.contains(r"^[A-Za-z]:")
+    if bad.any():
+        i = int(bad.arg_true()[0])
+        raise ChxError(f"{source}: row {i + 1} (image_id {df['image_id'][i]}), column path: "
+                       f"{p[i]!r} leaves the images root; paths must be relative to --images "
+                       f"without '..'")
+
+
+class ImageDataset(Dataset):
+    """Images of a manifest, decoded, resized and (for training) augmented.
+
+    Items are dicts: ``image`` [1, S, S] float32 (normalised), ``target`` [K] float32 (NaN = not
+    annotated), ``index`` (row in the manifest), ``ids`` (its image_id). Indexing with ``(index, seed)`` (what the chx
+    samplers yield) seeds the augmentation of that item, making training reproducible and exactly
+    resumable whatever the number of workers.
+    """
+
+    def __init__(self, df: pl.DataFrame, images_root: str | Path | list, pre: Preprocess,
+                 train: bool = False, classes: list[str] | None = None):
+        check_paths(df)
+        # One root for all rows, or one per row (several manifests with their own roots).
+        roots = images_root if isinstance(images_root, list) else [images_root] * df.height
+        self.files = [Path(r) / p for r, p in zip(roots, df["path"].to_list())]
+        self.image_ids = df["image_id"].to_list()
+        self.classes = classes if classes is not None else class_columns(df)
+        self.labels = torch.from_numpy(label_matrix(df, self.classes))
+        self.pre = pre
+        self.train = train
+        self.transform = train_transform(pre) if train else eval_transform(pre)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image = load_image(self.files[index], self.pre.size, self.pre.mode)
+        if self.train and seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image = self.transform(image)
+        else:
+            image = self.transform(image)
+        return {"image": image, "target": self.labels[index], "index": index,
+                "ids": self.image_ids[index]}
+
+    def missing_files(self) -> list[Path]:
+        """Image files that do not exist (checked up front, before hours of training)."""
+        return [f for f in self.files if not f.is_file()]

@@ -1,0 +1,226 @@
+"""The manifest: one table schema for every dataset.
+
+One row per image::
+
+    image_id  study_id  subject_id  view  path  split  <class 1> ... <class K>
+
+- ``view`` is normalised to one of :data:`VIEWS`;
+- ``path`` is relative to an images root (``--images``);
+- ``split`` is ``train``, ``val``, ``test`` or null (not assigned);
+- each class column holds 1, 0 or null (null = not annotated by this dataset; pseudo labels fill
+  these with probabilities in [0, 1], which is allowed with ``soft=True``).
+
+Every column that is not an id column is a class column, in order: the class list is data.
+Labels are per study, so all images of a study must agree on them.
+
+Stored as Parquet (CSV is accepted on input). Writes are atomic (temp name, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import polars as pl
+
+from chx.errors import ChxError, ManifestError
+
+ID_COLUMNS: tuple[str, ...] = ("image_id", "study_id", "subject_id", "view", "path", "split")
+VIEWS: tuple[str, ...] = ("PA", "AP", "LATERAL", "LL", "OTHER")
+FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP")
+LATERAL_VIEWS: tuple[str, ...] = ("LATERAL", "LL")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+LABEL_DTYPE = pl.Float32
+
+
+def class_columns(df: pl.DataFrame) -> list[str]:
+    """The class columns of a manifest, in table order."""
+    return [c for c in df.columns if c not in ID_COLUMNS]
+
+
+def build_manifest(ids: pl.DataFrame, labels: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Assemble a manifest from id columns and (optional, row-aligned) label columns, with the
+    schema's column order and dtypes. ``split`` is added as null when absent."""
+    if "split" not in ids.columns:
+        ids = ids.with_columns(pl.lit(None, dtype=pl.Utf8).alias("split"))
+    ids = ids.select(
+        [pl.col(c).cast(pl.Utf8) for c in ID_COLUMNS]
+    )
+    if labels is None or labels.width == 0:
+        return ids
+    return pl.concat([ids, labels.select(pl.all().cast(LABEL_DTYPE))], how="horizontal")
+
+
+def _where(source: str | None) -> str:
+    return f"{source}: " if source else ""
+
+
+def _first_bad_row(df: pl.DataFrame, mask: pl.Series) -> tuple[int, str]:
+    """(1-based data row number, image_id) of the first True in ``mask``."""
+    idx = int(mask.arg_true()[0])
+    image_id = df["image_id"][idx] if "image_id" in df.columns else "?"
+    return idx + 1, str(image_id)
+
+
+def validate(df: pl.DataFrame, source: str | None = None, *, soft: bool = False,
+             require_labels: bool = True) -> pl.DataFrame:
+    """Check a manifest against the schema; return it with normalised dtypes.
+
+    Raises :class:`ManifestError` naming the first bad row (1-based data row, and its image_id) and
+    column. ``soft=True`` accepts label values anywhere in [0, 1] (pseudo labels).
+    """
+    where = _where(source)
+    missing = [c for c in ID_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(
+            f"{where}missing column(s) {', '.join(missing)}; a manifest needs {', '.join(ID_COLUMNS)} "
+            f"and one column per class (make one with `chx prepare`)")
+    if df.height == 0:
+        raise ManifestError(f"{where}the manifest has no rows")
+    classes = class_columns(df)
+    if require_labels and not classes:
+        raise ManifestError(f"{where}no class columns: every column besides {', '.join(ID_COLUMNS)} "
+                            f"is a class with values 1, 0 or empty")
+    df = df.with_columns([pl.col(c).cast(pl.Utf8) for c in ID_COLUMNS])
+
+    for col in ("image_id", "study_id", "subject_id", "path"):
+        bad = df[col].is_null() | (df[col].str.strip_chars() == "")
+        if bad.any():
+            row, image_id = _first_bad_row(df, bad)
+            raise ManifestError(f"{where}row {row} (image_id {image_id}), column {col}: empty value; "
+                                f"every image needs a {col}")
+
+    dup = ~df["image_id"].is_first_distinct()
+    if dup.any():
+        row, image_id = _first_bad_row(df, dup)
+        first = int((df["image_id"] == image_id).arg_true()[0]) + 1
+        raise ManifestError(f"{where}row {row}, column image_id: duplicate image_id {image_id!r} "
+                            f"(first at row {first}); image ids must be unique")
+
+    bad = ~df["view"].is_in(list(VIEWS)) | df["view"].is_null()
+    if bad.any():
+        row, image_id = _first_bad_row(df, bad)
+        raise ManifestError(f"{where}row {row} (image_id {image_id}), column view: unknown view "
+                            f"{df['view'][row - 1]!r}; use one of {', '.join(VIEWS)}")
+
+    bad = ~(df["split"].is_null() | df["split"].is_in(list(SPLITS) + [""]))
+    if bad.any():
+        row, image_id = _first_bad_row(df, bad)
+        raise ManifestError(f"{where}row {row} (image_id {image_id}), column split: unknown split "
+                            f"{df['split'][row - 1]!r}; use train, val, test or leave it empty")
+    df = df.with_columns(pl.when(pl.col("split") == "").then(None).otherwise(pl.col("split"))
+                         .alias("split"))
+
+    cast = []
+    for c in classes:
+        values = df[c]
+        if values.dtype == pl.Utf8 or values.dtype == pl.String:
+            stripped = values.str.strip_chars()
+            numeric = stripped.cast(pl.Float64, strict=False)
+            bad = numeric.is_null() & stripped.is_not_null() & (stripped != "")
+            if bad.any():
+                row, image_id = _first_bad_row(df, bad)
+                raise ManifestError(f"{where}row {row} (image_id {image_id}), column {c!r}: label "
+                                    f"{values[row - 1]!r} is not a number; use 1, 0 or leave it empty")
+            values = numeric
+        elif not values.dtype.is_numeric() and values.dtype != pl.Null:
+            raise ManifestError(f"{where}column {c!r} has type {values.dtype}; labels must be 1, 0 or empty")
+        values = values.cast(pl.Float64)
+        values = values.fill_nan(None)
+        if soft:
+            bad = values.is_not_null() & ((values < 0) | (values > 1))
+            allowed = "a probability in [0, 1]"
+        else:
+            bad = values.is_not_null() & ~values.is_in([0.0, 1.0])
+            allowed = "1, 0 or empty"
+        if bad.any():
+            row, image_id = _first_bad_row(df, bad)
+            raise ManifestError(f"{where}row {row} (image_id {image_id}), column {c!r}: label "
+                                f"{values[row - 1]} is not allowed; use {allowed}")
+        cast.append(values.cast(LABEL_DTYPE).alias(c))
+    if cast:
+        df = df.with_columns(cast)
+
+    if classes:
+        # All images of a study must carry the same labels (labels are per study). Compare each
+        # image's label vector with its study's first image (null == null).
+        firsts = df.group_by("study_id", maintain_order=True).agg(
+            [pl.col(c).first().alias(f"__first_{c}") for c in classes])
+        joined = df.select(["study_id", *classes]).join(firsts, on="study_id", how="left",
+                                                         maintain_order="left")
+        for c in classes:
+            a, b = joined[c], joined[f"__first_{c}"]
+            bad = (a.is_null() != b.is_null()) | (a.is_not_null() & b.is_not_null() & (a != b))
+            bad = bad.fill_null(False)
+            if bad.any():
+                row, image_id = _first_bad_row(df, bad)
+                raise ManifestError(
+                    f"{where}row {row} (image_id {image_id}), column {c!r}: study "
+                    f"{df['study_id'][row - 1]!r} has images with different labels; labels are per "
+                    f"study, so give all its images the same values")
+
+        # A subject's studies must stay in one split; a study's images too.
+        for key in ("study_id", "subject_id"):
+            n_splits = df.group_by(key).agg(pl.col("split").n_unique().alias("n"))
+            leaked = n_splits.filter(pl.col("n") > 1)
+            if leaked.height:
+                value = leaked[key][0]
+                mask = (df[key] == value)
+                row, image_id = _first_bad_row(df, mask)
+                raise ManifestError(
+                    f"{where}row {row} (image_id {image_id}), column split: {key} {value!r} appears "
+                    f"in more than one split; split by patient (`chx prepare ... --val-fraction`)")
+    return df
+
+
+def read_manifest(path: str | os.PathLike, *, soft: bool = True, require_labels: bool = True) -> pl.DataFrame:
+    """Read and validate a manifest (Parquet, or CSV by suffix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChxError(f"manifest {path} does not exist; make one with `chx prepare`")
+    try:
+        if path.suffix.lower() in {".csv", ".gz"} or path.name.lower().endswith(".csv.gz"):
+            df = pl.read_csv(path, infer_schema_length=0)  # all strings; validate() casts
+        else:
+            df = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ManifestError(f"{path}: cannot be read as a {'CSV' if path.suffix.lower() == '.csv' else 'Parquet'} "
+                            f"table ({first})") from None
+    return validate(df, source=str(path), soft=soft, require_labels=require_labels)
+
+
+def write_manifest(df: pl.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a manifest atomically: Parquet unless the name ends in .csv."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix.lower() == ".csv":
+            df.write_csv(tmp)
+        else:
+            df.write_parquet(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def summarize(df: pl.DataFrame) -> dict:
+    """Counts used by `chx prepare` and the tests: images, studies, subjects, multi-view studies,
+    per-split images and per-class positives (value 1; soft labels are not counted)."""
+    views_per_study = df.group_by("study_id").len()
+    classes = class_columns(df)
+    return {
+        "images": df.height,
+        "studies": df["study_id"].n_unique(),
+        "subjects": df["subject_id"].n_unique(),
+        "multi_view_studies": int((views_per_study["len"] > 1).sum()),
+        "splits": {str(k): int(v) for k, v in
+                   df.group_by("split").len().sort("split").iter_rows()},
+        "positives": {c: int((df[c] == 1).sum()) for c in classes},
+        "annotated": {c: int(df[c].is_not_null().sum()) for c in classes},
+    }

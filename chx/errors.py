@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+A :class:`ChxError` is a mistake the user can fix (bad input, wrong option, missing file). The CLI
+prints its message as one line and exits with code 2; it never shows a traceback for it. Messages
+say what is wrong, where (file, row, column, option) and what to do.
+"""
+
+
+class ChxError(Exception):
+    """A user-fixable error, reported as one line by the CLI (exit code 2)."""
+
+
+class ManifestError(ChxError):
+    """The manifest table breaks the schema (names the file, row and column)."""
+
+
+class ImageReadError(ChxError):
+    """An image file cannot be read or decoded (names the file)."""

@@ -1,0 +1,1 @@
+"""One module per stage; each composes data/, models/, store/, losses and metrics."""
