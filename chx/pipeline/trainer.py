@@ -125,7 +125,7 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable
     """Linear warm-up to 1, then cosine decay to ``min_ratio``; stepped once per optimizer step."""
     def f(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return (step + 1) / (warmup_steps + 1)
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
@@ -364,6 +364,7 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
                     optimizer.zero_grad(set_to_none=True)
                     if ema is not None:
                         ema.update_parameters(model)
+                step_lr = scheduler.get_last_lr()[0]   # the LR this step used
                 scheduler.step()
                 step += 1
                 k += 1
@@ -378,7 +379,7 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
                         _append_jsonl(metrics_path, {"kind": "train", "step": step,
                                                      "epoch": step / steps_per_epoch,
                                                      "loss": float(mean_loss),
-                                                     "lr": scheduler.get_last_lr()[0],
+                                                     "lr": step_lr,
                                                      "elapsed_s": round(time.time() - started, 3)})
                         bar.set_postfix(loss=f"{float(mean_loss):.4f}")
                     losses_since_log = []
