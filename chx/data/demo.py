@@ -1,0 +1,154 @@
+"""A deterministic synthetic multi-view chest X-ray dataset (``chx make-demo-data``).
+
+Radiograph-like grayscale images: a frontal (PA/AP) and a lateral view per study; some studies have
+only one view, a few have three. Findings have a long-tailed prevalence with some co-occurrence,
+and each leaves a visual sign that is visible in BOTH views, ONLY in the frontal view or ONLY in the
+lateral view. A model that sees one view cannot reach what a model that fuses the views can: that
+is what the demo shows.
+
+Everything derives from ``(seed, study number)``, so the same arguments give the same files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from chx.data.manifest import build_manifest, validate, write_manifest
+from chx.data.splits import assign_splits
+
+
+@dataclass(frozen=True)
+class Finding:
+    name: str
+    prevalence: float
+    visible_in: str          # "both", "frontal" or "lateral"
+
+
+FINDINGS: tuple[Finding, ...] = (
+    Finding("Cardiomegaly", 0.30, "both"),
+    Finding("Pleural Effusion", 0.18, "frontal"),
+    Finding("Lung Opacity", 0.12, "both"),
+    Finding("Posterior Mass", 0.08, "lateral"),
+    Finding("Nodule", 0.06, "frontal"),
+    Finding("Vertebral Fracture", 0.04, "lateral"),
+    Finding("Pneumothorax", 0.025, "frontal"),
+    Finding("Hiatal Hernia", 0.015, "lateral"),
+)
+CLASS_NAMES: tuple[str, ...] = tuple(f.name for f in FINDINGS) + ("No Finding",)
+
+
+def visibility() -> dict[str, str]:
+    """Class -> the views its sign is visible in (for the demo's per-visibility report)."""
+    return {f.name: f.visible_in for f in FINDINGS}
+
+
+def _grid(size: int):
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    return y, x
+
+
+def _blob(y, x, cy, cx, ry, rx, soft=0.08):
+    d = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2
+    return 1.0 / (1.0 + np.exp(np.minimum((d - 1.0) / soft, 60.0)))
+
+
+def _frontal(rng, size, labels) -> np.ndarray:
+    y, x = _grid(size)
+    img = 0.15 + 0.55 * _blob(y, x, 0.55, 0.5, 0.5, 0.42)                       # body
+    for cx in (0.32, 0.68):                                                      # lungs
+        img -= 0.35 * _blob(y, x, 0.47, cx + rng.normal(0, 0.01), 0.3, 0.14)
+    img += 0.25 * _blob(y, x, 0.55, 0.5, 0.5, 0.035)                             # spine
+    img += 0.04 * np.sin(y * 2 * math.pi * 9 + rng.uniform(0, 6)) * _blob(y, x, 0.47, 0.5, 0.32, 0.36)
+    heart_r = 0.16 if labels["Cardiomegaly"] else 0.105                         # both views
+    img += 0.3 * _blob(y, x, 0.62, 0.54, heart_r * 0.8, heart_r)
+    if labels["Lung Opacity"]:                                                    # both views
+        cx = rng.choice([0.3, 0.7])
+        img += 0.22 * _blob(y, x, rng.uniform(0.35, 0.55), cx, 0.08, 0.07, soft=0.3)
+    if labels["Pleural Effusion"]:                                                # frontal only
+        side = rng.choice([0.3, 0.7])
+        img += 0.28 * _blob(y, x, 0.74, side, 0.06, 0.13, soft=0.2)
+    if labels["Nodule"]:                                                          # frontal only
+        img += 0.35 * _blob(y, x, rng.uniform(0.3, 0.6), rng.choice([0.28, 0.72]), 0.025, 0.025)
+    if labels["Pneumothorax"]:                                                    # frontal only
+        cx = rng.choice([0.24, 0.76])
+        img -= 0.18 * _blob(y, x, 0.3, cx, 0.12, 0.05)
+    return img
+
+
+def _lateral(rng, size, labels) -> np.ndarray:
+    y, x = _grid(size)
+    img = 0.15 + 0.55 * _blob(y, x, 0.55, 0.5, 0.5, 0.36)                       # body
+    img -= 0.3 * _blob(y, x, 0.45, 0.5 + rng.normal(0, 0.01), 0.3, 0.22)          # lungs overlapped
+    img += 0.3 * _blob(y, x, 0.55, 0.8, 0.45, 0.05)                              # spine (posterior)
+    heart_r = 0.17 if labels["Cardiomegaly"] else 0.11                           # both views
+    img += 0.3 * _blob(y, x, 0.62, 0.36, heart_r * 0.9, heart_r)
+    if labels["Lung Opacity"]:                                                    # both views
+        img += 0.22 * _blob(y, x, rng.uniform(0.35, 0.55), 0.5, 0.08, 0.08, soft=0.3)
+    if labels["Posterior Mass"]:                                                  # lateral only
+        img += 0.3 * _blob(y, x, rng.uniform(0.4, 0.6), 0.66, 0.05, 0.04)
+    if labels["Vertebral Fracture"]:                                              # lateral only
+        cy = rng.uniform(0.4, 0.75)
+        img -= 0.3 * _blob(y, x, cy, 0.8, 0.012, 0.06)
+    if labels["Hiatal Hernia"]:                                                   # lateral only
+        img -= 0.25 * _blob(y, x, 0.78, 0.55, 0.04, 0.05)
+    return img
+
+
+def _finish(rng, img: np.ndarray, size: int) -> np.ndarray:
+    img = img * rng.uniform(0.85, 1.15) + rng.normal(0, 0.03)                    # exposure
+    img = img + rng.normal(0, 0.025, size=img.shape)                              # noise
+    shift = rng.integers(-size // 20, size // 20 + 1, size=2)
+    img = np.roll(img, tuple(shift), axis=(0, 1))
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def _study_labels(rng) -> dict[str, int]:
+    labels = {f.name: int(rng.random() < f.prevalence) for f in FINDINGS}
+    # Co-occurrence: effusion and opacity are more frequent with cardiomegaly.
+    if labels["Cardiomegaly"] and rng.random() < 0.25:
+        labels["Pleural Effusion"] = 1
+    if labels["Pleural Effusion"] and rng.random() < 0.2:
+        labels["Lung Opacity"] = 1
+    labels["No Finding"] = int(not any(labels.values()))
+    return labels
+
+
+def make_demo_data(out: str | Path, studies: int = 1000, seed: int = 0, size: int = 160,
+                   val_fraction: float = 0.15, test_fraction: float = 0.15) -> Path:
+    """Write ``out/images/*.png`` and ``out/manifest.parquet``; return the manifest path."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s in range(studies):
+        rng = np.random.default_rng([seed, s])
+        labels = _study_labels(rng)
+        r = rng.random()
+        if r < 0.75:
+            views = ["PA", "LATERAL"]
+        elif r < 0.87:
+            views = [rng.choice(["PA", "AP"])]
+        elif r < 0.95:
+            views = ["LATERAL"]
+        else:
+            views = ["AP", "PA", "LATERAL"]
+        subject = f"subj{s // 2 if s % 7 == 0 else s:05d}"   # a few subjects with two studies
+        study = f"study{s:05d}"
+        for j, view in enumerate(views):
+            draw = _lateral if view == "LATERAL" else _frontal
+            pixels = _finish(rng, draw(rng, size, labels), size)
+            name = f"{study}_{j}_{view.lower()}.png"
+            Image.fromarray(pixels, mode="L").save(out / "images" / name, optimize=False, compress_level=1)
+            rows.append({"image_id": f"{study}_{j}", "study_id": study, "subject_id": subject,
+                         "view": view, "path": name, **{c: float(labels[c]) for c in CLASS_NAMES}})
+    df = pl.DataFrame(rows)
+    ids = df.select(["image_id", "study_id", "subject_id", "view", "path"])
+    manifest = build_manifest(ids, df.select(list(CLASS_NAMES)))
+    manifest = assign_splits(manifest, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    manifest = validate(manifest, source="demo manifest")
+    return write_manifest(manifest, out / "manifest.parquet")
