@@ -42,7 +42,7 @@ def _with_adapters(f):
     return f
 
 
-@cli.command(context_settings=CONTEXT, epilog=None)
+@cli.command(context_settings=CONTEXT, short_help="Native label files -> one manifest.")
 @click.argument("dataset")
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -160,7 +160,7 @@ def _train_config(kw: dict):
     return TrainConfig(**{k: kw.pop(k) for k in list(kw) if k in names})
 
 
-@cli.command("train-backbone", context_settings=CONTEXT)
+@cli.command("train-backbone", context_settings=CONTEXT, short_help="Stage 1: ConvNeXt + ML-Decoder on images.")
 @click.option("--manifest", "manifests", multiple=True, required=True,
               type=click.Path(path_type=Path),
               help="Manifest(s); repeat to train on their union (e.g. with a pseudo-labelled one). "
@@ -214,7 +214,7 @@ def _report_fit(result) -> None:
     click.echo(f"trained {result.step} steps{summary}{best}; run folder {result.out}")
 
 
-@cli.command("pseudo-label", context_settings=CONTEXT)
+@cli.command("pseudo-label", context_settings=CONTEXT, short_help="Fill unannotated labels with soft labels.")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
               help="Stage-1 checkpoint (best.pt of train-backbone).")
 @click.option("--manifest", required=True, type=click.Path(path_type=Path),
@@ -239,6 +239,144 @@ def pseudo_label(checkpoint, manifest, images, out, tta, batch_size, workers, de
             device=device)
     click.echo(f"wrote {out}: {s['images']:,} images; {s['filled']:,} null labels filled with "
                f"probabilities, {s['kept']:,} labels kept")
+
+
+# ----------------------------------------------------------------------------------------- stage 2
+
+@cli.command("extract-features", context_settings=CONTEXT, short_help="Stage 2a: backbone maps -> feature store.")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Stage-1 checkpoint (best.pt of train-backbone); its preprocessing is reused.")
+@click.option("--manifest", required=True, type=click.Path(path_type=Path), help="Manifest of the images.")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Images root of the manifest.")
+@click.option("--store", "store", required=True,
+              help="Feature store: a folder (Zarr v3, default; or an fsspec URL like memory://x) or a "
+                   "file ending .h5 (HDF5, one writer).")
+@click.option("--pool", type=int, default=1, show_default=True,
+              help="Average-pool K x K before storing (2 -> a quarter of the size).")
+@click.option("--flip", is_flag=True, help="Also store the horizontally flipped image's maps (TTA, augmentation).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="DataLoader workers decoding images while the model runs.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Fill only images with row % N == I (run N processes at once; Zarr only). "
+                   "Under torchrun the rank is used.")
+@click.option("--overwrite", is_flag=True, help="Replace a store made by another checkpoint/options.")
+def extract_features(checkpoint, manifest, images, store, pool, flip, batch_size, workers, device,
+                     shard, overwrite):
+    """Stage 2a: cache the frozen backbone's feature maps of every image, grouped by study.
+
+    Rerunning the same command continues with the images not yet done; a store made by another
+    checkpoint, preprocessing or class list is refused (--overwrite replaces it).
+    """
+    from chx.pipeline.extract import extract_features as run
+
+    r = run(checkpoint, manifest, images, store, pool=pool, flip=flip, batch_size=batch_size,
+            workers=workers, device=device, shard=shard, overwrite=overwrite, echo=click.echo)
+    state = "complete" if r.complete else f"{r.remaining:,} images still to do (other shards or a rerun)"
+    speed = f" at {r.images_per_s:.1f} images/s" if r.written else ""
+    click.echo(f"wrote {r.written:,} images{speed}; store {r.store} is {state}")
+
+
+@cli.command("train-fusion", context_settings=CONTEXT, short_help="Stage 2b: fusion transformer from the store.")
+@click.option("--store", "store", required=True, help="Complete feature store from extract-features.")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/fusion"),
+              show_default=True, help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
+@click.option("--max-views", type=click.IntRange(min=1), default=4, show_default=True,
+              help="View slots per study (more views: a random subset in training, a fixed choice at evaluation).")
+@click.option("--encoder-layers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Transformer encoder layers (0: ML-Decoder directly on the projected tokens).")
+@click.option("--dim", type=click.IntRange(min=8), default=None,
+              help="Token width D.  [default: the store's channels C]")
+@click.option("--heads", type=click.IntRange(min=1), default=8, show_default=True, help="Attention heads.")
+@click.option("--ffn-dim", type=click.IntRange(min=1), default=2048, show_default=True, help="Feed-forward width.")
+@click.option("--dropout", type=float, default=0.1, show_default=True, help="Dropout.")
+@click.option("--pos-enc/--no-pos-enc", default=True, show_default=True, help="2-D positional encoding per view.")
+@click.option("--segment-embedding/--no-segment-embedding", default=True, show_default=True,
+              help="Learnable embedding of each view slot.")
+@click.option("--view-embedding/--no-view-embedding", default=False, show_default=True,
+              help="Learnable embedding of the view type (frontal, lateral, other).")
+@click.option("--shuffle/--no-shuffle", default=True, show_default=True,
+              help="Random view order in training (order must carry no information).")
+@click.option("--balance/--no-balance", default=False, show_default=True, help="Class-aware sampling of studies.")
+@click.option("--flip-aug/--no-flip-aug", default=True, show_default=True,
+              help="Use the store's flipped maps for a random half of the training studies (stores made with --flip).")
+@train_options
+def train_fusion(store, out, max_views, encoder_layers, dim, heads, ffn_dim, dropout, pos_enc,
+                 segment_embedding, view_embedding, shuffle, balance, flip_aug, resume, overwrite, **kw):
+    """Stage 2b: train the CheXFusion transformer from the feature store alone.
+
+    No image is read and no backbone is run.
+
+    \b
+    Example:
+      chx train-fusion --store runs/covid.zarr --epochs 20 --lr 1e-4 -o runs/covid-f
+    """
+    from chx.pipeline.train_fusion import FusionOptions
+    from chx.pipeline.train_fusion import train_fusion as run
+
+    cfg = _train_config(kw)
+    opts = FusionOptions(max_views=max_views, encoder_layers=encoder_layers, dim=dim, heads=heads,
+                         ffn_dim=ffn_dim, dropout=dropout, pos_enc=pos_enc,
+                         segment_embedding=segment_embedding, view_embedding=view_embedding,
+                         shuffle=shuffle, balance=balance, flip_aug=flip_aug)
+    _report_fit(run(store, out, opts, cfg, resume=resume, overwrite=overwrite))
+
+
+@cli.group("store", cls=_Group, context_settings=CONTEXT, short_help="Inspect feature stores (store info).")
+def store_group():
+    """Inspect feature stores."""
+
+
+@store_group.command("info", context_settings=CONTEXT)
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def store_info(path, as_json):
+    """Images, studies, views per study, splits, size on disk, compression, fingerprint, completeness."""
+    import json
+
+    from chx.store import open_store
+
+    with open_store(path) as s:
+        info = s.info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    mb = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    rows = [("backend", info.get("backend", "")), ("images", f"{info['images']:,}"),
+            ("studies", f"{info['studies']:,}"),
+            ("views per study", ", ".join(f"{k}: {v}" for k, v in sorted(info["views_per_study"].items(),
+                                                                          key=lambda kv: int(kv[0])))),
+            ("splits (studies)", ", ".join(f"{k or 'none'}: {v}" for k, v in info["splits"].items()) if isinstance(info["splits"], dict) else str(info["splits"])),
+            ("feature shape", f"{tuple(info['feature_shape'])} {info.get('dtype', 'float16')}"),
+            ("size on disk", mb(info.get("bytes_on_disk"))),
+            ("uncompressed", mb(info.get("bytes_uncompressed"))),
+            ("compression ratio", f"{info['compression_ratio']:.2f}" if info.get("compression_ratio") else "n/a"),
+            ("done", f"{info['done']:,} / {info['images']:,}"), ("complete", str(info["complete"])),
+            ("classes", f"{len(info['class_names'])}: {', '.join(info['class_names'][:5])}{', ...' if len(info['class_names']) > 5 else ''}"),
+            ("fingerprint", ", ".join(f"{k}={v}" for k, v in info["fingerprint"].items()))]
+    for k, v in rows:
+        click.echo(f"{k:<18} {v}")
+
+
+# ----------------------------------------------------------------------------------------- demo
+
+@cli.command("make-demo-data", context_settings=CONTEXT, short_help="Write the synthetic multi-view dataset.")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--studies", type=click.IntRange(min=10), default=1000, show_default=True, help="Number of studies.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed (same seed, same files).")
+@click.option("--size", type=click.IntRange(min=32), default=160, show_default=True, help="Image size in pixels.")
+def make_demo_data(out, studies, seed, size):
+    """Write a synthetic multi-view dataset: OUT/images/*.png and OUT/manifest.parquet.
+
+    Frontal + lateral views per study (some with one, a few with three); long-tailed findings whose
+    signs show in both views, only the frontal or only the lateral view; split by patient.
+    """
+    from chx.data.demo import make_demo_data as run
+
+    path = run(out, studies=studies, seed=seed, size=size)
+    click.echo(f"wrote {path} and {out / 'images'}")
 
 
 # ----------------------------------------------------------------------------------------- entry

@@ -30,3 +30,56 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture
 def shared_data() -> Path:
     return shared_path()
+
+
+def run_chx(capsys, *args) -> tuple[int, str, str]:
+    """Run the real `chx` entry point in-process; return (exit code, stdout, stderr)."""
+    from chx.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+TINY = ["--model", "test_convnext", "--size", "64", "--no-pretrained", "--workers", "0"]
+
+
+@pytest.fixture(scope="session")
+def nih_manifest(tmp_path_factory) -> Path:
+    """The 1,000 real NIH 64 px images prepared onto the 26 CXR-LT classes, split by patient."""
+    images = shared_path("nih-64px", "images")
+    table = shared_path("metadata", "nih_data_entry_2017_v2020.csv.gz")
+    out = tmp_path_factory.mktemp("nih") / "nih.parquet"
+    from chx.pipeline.prepare import prepare
+
+    prepare("nih", [table], out, images=images, only_existing=True, val_fraction=0.2, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def covid_manifest(tmp_path_factory) -> Path:
+    """The 396 real covid-cxr images, own class list, split by patient."""
+    images = shared_path("covid-cxr", "images")
+    table = shared_path("covid-cxr", "metadata.csv")
+    out = tmp_path_factory.mktemp("covid") / "covid.parquet"
+    from chx.pipeline.prepare import prepare
+
+    prepare("covid", [table], out, images=images, val_fraction=0.25, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def covid_backbone(tmp_path_factory, covid_manifest) -> Path:
+    """A tiny stage-1 checkpoint (test_convnext, 64 px, 2 steps) trained on the covid images."""
+    from chx.pipeline.train_backbone import BackboneOptions, train_backbone
+    from chx.pipeline.trainer import TrainConfig
+
+    out = tmp_path_factory.mktemp("covid-backbone")
+    opts = BackboneOptions(model="test_convnext", size=64, pretrained=False)
+    cfg = TrainConfig(epochs=1, max_steps=2, batch_size=8, workers=0, device="cpu")
+    train_backbone([covid_manifest], [shared_path("covid-cxr", "images")], out, opts, cfg)
+    return out / "best.pt"

@@ -160,6 +160,11 @@ class ImageClassifier(nn.Module):
                            decoder_dim=decoder_dim, heads=heads, ffn_dim=ffn_dim, dropout=dropout)
         self.backbone = create_backbone(backbone_name, pretrained=pretrained, weights=weights,
                                         in_chans=in_chans)
+        # timm's own head (e.g. ConvNeXt's head.norm) is not used by forward_features: freeze it,
+        # so it neither trains nor makes DDP wait for gradients that never come.
+        own_head = getattr(self.backbone, "head", None)
+        if isinstance(own_head, nn.Module):
+            own_head.requires_grad_(False)
         self.feature_dim: int = int(self.backbone.num_features)
         self.feature_stride: int = self._stride()
         self.head = MLDecoder(self.feature_dim, num_classes, dim=decoder_dim, heads=heads,

@@ -370,7 +370,7 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
                 k += 1
                 bar.update(1)
                 losses_since_log.append(sum(micro_losses) / len(micro_losses))
-                if step % cfg.log_every == 0 or step == total_steps:
+                if step % cfg.log_every == 0 or step in (total_steps, cfg.max_steps):
                     mean_loss = torch.tensor(sum(losses_since_log) / len(losses_since_log), device=device)
                     if ddp.enabled:
                         dist.all_reduce(mean_loss)
@@ -398,7 +398,6 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
                                      last_metrics=last_metrics)
             del batches, loader
         if step % val_interval != 0 and step != total_steps:  # stopped by --max-steps
-            if ddp.is_main:
-                checkpoint(last_path, last_metrics)
+            last_metrics = validate() or last_metrics
     bar.close()
     return FitResult(out, step, best, last_metrics=last_metrics)

@@ -1,0 +1,89 @@
+"""Fusion against the stage-1 model's per-study aggregations, on the same split and studies.
+
+Stage-1 image probabilities (with hflip TTA when the backbone was trained with it) are aggregated
+per study by each method of :mod:`chx.pipeline.aggregate`; the fusion model predicts the same
+studies from the store. Every method is scored on the studies it can score (frontal-only and
+lateral-only skip studies without such a view), and fusion is also scored on those same subsets,
+so each comparison is like for like.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from chx.data.datasets import ImageDataset
+from chx.data.manifest import class_columns, read_manifest
+from chx.data.study_dataset import StudyDataset
+from chx.data.transforms import Preprocess
+from chx.errors import ChxError
+from chx.metrics import summarize
+from chx.models.fusion import FusionModel
+from chx.pipeline.aggregate import METHODS, aggregate_by_study
+from chx.pipeline.checkpoint import load_checkpoint
+from chx.pipeline.inference import eval_weights, predict_probs
+from chx.pipeline.pseudo_label import load_backbone
+from chx.pipeline.train_fusion import predict_studies
+
+
+def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, store: str,
+                    split: str = "val", *, workers: int = 2, batch_size: int = 16,
+                    groups="thirds") -> dict[str, dict]:
+    """Return {method: metrics summary (+ ``n_studies``)} for the stage-1 aggregations and fusion."""
+    model, bckpt = load_backbone(backbone)
+    fckpt = load_checkpoint(fusion, kind="fusion")
+    df = read_manifest(manifest).filter(pl.col("split") == split)
+    if df.height == 0:
+        raise ChxError(f"{manifest} has no images in split {split!r}")
+    classes = class_columns(df)
+    if classes != list(bckpt["class_names"]) or classes != list(fckpt["class_names"]):
+        raise ChxError("the manifest, backbone and fusion checkpoints must share one class list")
+    train_counts = np.asarray(fckpt.get("train_counts") or bckpt["train_counts"])
+
+    pre = Preprocess.from_dict(bckpt["preprocess"])
+    images_set = ImageDataset(df, images, pre, train=False, classes=classes)
+    probs = predict_probs(model, images_set, batch_size=batch_size, workers=workers,
+                          tta=bool(bckpt.get("tta", True)), desc=f"stage 1 on {split}")
+
+    fmodel = FusionModel.from_config(fckpt["model_config"])
+    fmodel.load_state_dict(eval_weights(fckpt))
+    studies = StudyDataset(store, split, max_views=fmodel.max_views)
+    fprobs = predict_studies(fmodel, studies, batch_size=batch_size, desc=f"fusion on {split}")
+    fusion_by_id = dict(zip(studies.study_ids, range(len(studies))))
+    labels_by_id = dict(zip(studies.study_ids, studies.labels))
+
+    results, fused_results = {}, {}
+    for method in METHODS:
+        ids, scores = aggregate_by_study(probs, df["study_id"].to_list(), df["view"].to_list(), method)
+        ids_scores = [(i, s) for i, s in zip(ids, scores) if i in fusion_by_id]
+        if not ids_scores:
+            continue
+        ids = [i for i, _ in ids_scores]
+        labels = np.stack([labels_by_id[i] for i in ids])
+        stage1 = summarize(np.stack([s for _, s in ids_scores]), labels, classes, train_counts, groups)
+        fused = summarize(fprobs[[fusion_by_id[i] for i in ids]], labels, classes, train_counts, groups)
+        results[f"stage-1 {method}"] = {**stage1, "n_studies": len(ids)}
+        fused_results[f"fusion (on {method} studies)" if method in ("frontal", "lateral") else "fusion"] = \
+            {**fused, "n_studies": len(ids)}
+    return {**results, **fused_results}
+
+
+def format_table(results: dict[str, dict], title: str = "") -> str:
+    """A Markdown table of mAP / mAUC / head-medium-tail mAP per method."""
+    def f(x):
+        return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
+    lines = [title] if title else []
+    lines += ["| method | studies | mAP | mAUC | mAP head | mAP medium | mAP tail |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['n_studies']} | {f(r['mAP'])} | {f(r['mAUC'])} | "
+                     f"{f(r.get('mAP_head'))} | {f(r.get('mAP_medium'))} | {f(r.get('mAP_tail'))} |")
+    return "\n".join(lines)
+
+
+def per_class_ap(results: dict[str, dict], classes: list[str]) -> dict[str, dict[str, float]]:
+    """{method: {class: AP}} for reports by class (e.g. findings visible in one view only)."""
+    return {m: {c: r["per_class"][c]["ap"] for c in classes} for m, r in results.items()}
+

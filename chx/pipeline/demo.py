@@ -1,0 +1,111 @@
+"""`chx demo`: the whole pipeline on the embedded synthetic dataset (or on a given manifest).
+
+make-demo-data -> train-backbone -> extract-features -> train-fusion -> compare on the test split
+(val when there is no test split), ending with one table: the stage-1 model's predictions
+aggregated per study (mean, max, view-weighted, frontal-only, lateral-only) against fusion.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from chx.data.manifest import read_manifest
+from chx.pipeline.compare import compare_methods, format_table
+from chx.pipeline.extract import extract_features
+from chx.pipeline.train_backbone import BackboneOptions, train_backbone
+from chx.pipeline.train_fusion import FusionOptions, train_fusion
+from chx.pipeline.trainer import TrainConfig
+
+
+@dataclass
+class DemoConfig:
+    studies: int = 1000
+    size: int = 128
+    model: str = "convnext_atto"
+    backbone_epochs: float = 4
+    backbone_lr: float = 1e-3
+    fusion_epochs: float = 30
+    fusion_lr: float = 3e-4
+    batch_size: int = 16
+    workers: int = 2
+    seed: int = 0
+
+
+def run_demo(out: Path, cfg: DemoConfig, manifest: Path | None = None, images: Path | None = None,
+             echo=print) -> dict:
+    out = Path(out)
+    t0 = time.perf_counter()
+    timings = {}
+    if manifest is None:
+        from chx.data.demo import make_demo_data
+
+        echo(f"[1/5] synthetic data: {cfg.studies} studies at {cfg.size} px -> {out / 'data'}")
+        manifest = make_demo_data(out / "data", studies=cfg.studies, seed=cfg.seed, size=cfg.size)
+        images = out / "data" / "images"
+    else:
+        echo(f"[1/5] data: {manifest} over {images}")
+    timings["data"] = time.perf_counter() - t0
+
+    df = read_manifest(manifest)
+    split = "test" if (df["split"] == "test").any() else "val"
+
+    t = time.perf_counter()
+    echo(f"[2/5] stage 1: {cfg.model} at {cfg.size} px, {cfg.backbone_epochs:g} epochs")
+    backbone_dir = out / "backbone"
+    train_backbone([manifest], [images], backbone_dir,
+                   BackboneOptions(model=cfg.model, size=cfg.size, pretrained=False),
+                   TrainConfig(epochs=cfg.backbone_epochs, lr=cfg.backbone_lr, batch_size=cfg.batch_size,
+                               workers=cfg.workers, seed=cfg.seed, val_every=1.0, warmup=0.1),
+                   overwrite=True)
+    timings["stage 1"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    store = str(out / "features.zarr")
+    echo(f"[3/5] extract features -> {store}")
+    extract_features(backbone_dir / "best.pt", manifest, images, store, workers=cfg.workers,
+                     batch_size=32, overwrite=True, echo=echo)
+    timings["extract"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    echo(f"[4/5] stage 2: fusion from the store, {cfg.fusion_epochs:g} epochs")
+    fusion_dir = out / "fusion"
+    train_fusion(store, fusion_dir, FusionOptions(),
+                 TrainConfig(epochs=cfg.fusion_epochs, lr=cfg.fusion_lr, batch_size=cfg.batch_size,
+                             workers=0, seed=cfg.seed, val_every=1.0, warmup=0.1), overwrite=True)
+    timings["stage 2"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    echo(f"[5/5] compare on the {split} split")
+    results = compare_methods(backbone_dir / "best.pt", fusion_dir / "best.pt", manifest, images, store,
+                              split, workers=cfg.workers)
+    timings["compare"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    table = format_table(results, title=f"{split} split ({int((df['split'] == split).sum())} images)")
+    echo("")
+    echo(table)
+    echo("")
+    echo(f"outputs: {out} (backbone/, features.zarr, fusion/); time: "
+         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    return {"results": results, "timings": timings, "split": split, "table": table,
+            "classes": [c for c in df.columns if c not in ("image_id", "study_id", "subject_id",
+                                                           "view", "path", "split")]}
+
+
+def visibility_table(results: dict, visibility: dict[str, str]) -> str:
+    """mAP over the classes visible in both views / only frontal / only lateral, per method."""
+    groups = {g: [c for c, v in visibility.items() if v == g] for g in ("both", "frontal", "lateral")}
+    lines = ["| method | both views | frontal only | lateral only |", "|---|---:|---:|---:|"]
+    for name, r in results.items():
+        if name.startswith("fusion (on"):
+            continue
+        cells = []
+        for g, classes in groups.items():
+            aps = [r["per_class"][c]["ap"] for c in classes if not np.isnan(r["per_class"][c]["ap"])]
+            cells.append(f"{np.mean(aps):.3f}" if aps else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
