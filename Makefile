@@ -16,7 +16,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 demo: venv
-	$(BIN)/chx demo
+	$(BIN)/chx demo --out demo-out
 
 clean:
 	rm -rf $(VENV) *.egg-info

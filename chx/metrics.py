@@ -81,3 +81,11 @@ def summarize(scores: np.ndarray, labels: np.ndarray, class_names: list[str],
     out["per_class"] = {c: {"ap": float(pc["ap"][i]), "auc": float(pc["auc"][i]),
                             "support": int(pc["support"][i])} for i, c in enumerate(class_names)}
     return out
+
+
+def prior_baseline(prior: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+    """mAP / mAUC of constant scores (the training class prior for every image): the floor a
+    model must beat. A constant score has AP = the class's prevalence and AUROC = 0.5."""
+    scores = np.broadcast_to(np.asarray(prior, dtype=np.float64), np.shape(labels))
+    s = summarize(scores, labels, class_names)
+    return {"baseline_mAP": s["mAP"], "baseline_mAUC": s["mAUC"]}

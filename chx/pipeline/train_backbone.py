@@ -21,7 +21,7 @@ from chx.data.samplers import ClassAwareSampler, ShuffleSampler
 from chx.data.transforms import Preprocess
 from chx.errors import ChxError
 from chx.losses import WeightedASL, class_prior
-from chx.metrics import summarize
+from chx.metrics import prior_baseline, summarize
 from chx.models.backbone import ImageClassifier
 from chx.pipeline.inference import predict_probs
 from chx.pipeline.trainer import FitResult, TrainConfig, fit, setup_distributed
@@ -131,10 +131,12 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
     if val_set is not None:
         val_labels = label_matrix(val_df, classes)
 
+        baseline = prior_baseline(prior, val_labels, classes)
+
         def evaluate(model):
             probs = predict_probs(model, val_set, batch_size=opts.eval_batch_size, workers=cfg.workers,
                                   device=ddp.device, tta=opts.tta, desc="validate")
-            return summarize(probs, val_labels, classes, train_counts=positives)
+            return {**summarize(probs, val_labels, classes, train_counts=positives), **baseline}
 
     meta = {
         "kind": "backbone",

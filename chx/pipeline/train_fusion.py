@@ -20,7 +20,7 @@ from chx.data.samplers import ClassAwareSampler, ShuffleSampler
 from chx.data.study_dataset import StudyDataset, collate_studies
 from chx.errors import ChxError
 from chx.losses import WeightedASL, class_prior
-from chx.metrics import summarize
+from chx.metrics import prior_baseline, summarize
 from chx.models.fusion import FusionModel
 from chx.pipeline.trainer import FitResult, TrainConfig, fit, setup_distributed
 from chx.store import open_store
@@ -112,10 +112,12 @@ def train_fusion(store_path: str, out: Path, opts: FusionOptions, cfg: TrainConf
 
     evaluate = None
     if len(val_set):
+        baseline = prior_baseline(prior, val_set.labels, classes)
+
         def evaluate(model):
             probs = predict_studies(model, val_set, batch_size=opts.eval_batch_size,
                                     device=ddp.device, desc="validate")
-            return summarize(probs, val_set.labels, classes, train_counts=positives)
+            return {**summarize(probs, val_set.labels, classes, train_counts=positives), **baseline}
     elif ddp.is_main:
         tqdm.write("warning: the store has no validation studies (split 'val'): best.pt = last checkpoint")
 
