@@ -62,7 +62,7 @@ def nih_manifest(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def covid_manifest(tmp_path_factory) -> Path:
-    """The 396 real covid-cxr images, own class list, split by patient."""
+    """The 391 distinct real covid-cxr images, own class list, split by patient."""
     images = shared_path("covid-cxr", "images")
     table = shared_path("covid-cxr", "metadata.csv")
     out = tmp_path_factory.mktemp("covid") / "covid.parquet"

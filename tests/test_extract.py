@@ -130,5 +130,5 @@ def test_store_info_prints_the_figures(capsys, tmp_path, covid_backbone, covid_m
     assert extract(capsys, covid_backbone, covid_manifest, store)[0] == 0
     code, out, err = run_chx(capsys, "store", "info", store)
     assert code == 0, err
-    assert "images             396" in out and "complete           True" in out
+    assert "images             391" in out and "complete           True" in out
     assert "compression ratio" in out and "checkpoint_sha256=" in out
