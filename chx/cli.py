@@ -304,9 +304,12 @@ def extract_features(checkpoint, manifest, images, store, pool, flip, batch_size
 @click.option("--balance/--no-balance", default=False, show_default=True, help="Class-aware sampling of studies.")
 @click.option("--flip-aug/--no-flip-aug", default=True, show_default=True,
               help="Use the store's flipped maps for a random half of the training studies (stores made with --flip).")
+@click.option("--preload", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Hold the store's features in memory (auto: when they fit in 4 GiB).")
 @train_options
 def train_fusion(store, out, max_views, encoder_layers, dim, heads, ffn_dim, dropout, pos_enc,
-                 segment_embedding, view_embedding, shuffle, balance, flip_aug, resume, overwrite, **kw):
+                 segment_embedding, view_embedding, shuffle, balance, flip_aug, preload, resume,
+                 overwrite, **kw):
     """Stage 2b: train the CheXFusion transformer from the feature store alone.
 
     No image is read and no backbone is run.
@@ -322,7 +325,7 @@ def train_fusion(store, out, max_views, encoder_layers, dim, heads, ffn_dim, dro
     opts = FusionOptions(max_views=max_views, encoder_layers=encoder_layers, dim=dim, heads=heads,
                          ffn_dim=ffn_dim, dropout=dropout, pos_enc=pos_enc,
                          segment_embedding=segment_embedding, view_embedding=view_embedding,
-                         shuffle=shuffle, balance=balance, flip_aug=flip_aug)
+                         shuffle=shuffle, balance=balance, flip_aug=flip_aug, preload=preload)
     _report_fit(run(store, out, opts, cfg, resume=resume, overwrite=overwrite))
 
 

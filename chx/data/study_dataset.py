@@ -32,13 +32,13 @@ class StudyDataset(Dataset):
     subset/order and the flip choice for training.
 
     ``views``: "all", "frontal" or "lateral": keep only those views (robustness checks); studies
-    left without a view are dropped. ``flip_aug``: in training, use the store's flipped features
+    left without a view are dropped. ``preload``: hold the split's features in memory. ``flip_aug``: in training, use the store's flipped features
     (when it has them) for a random half of the studies.
     """
 
     def __init__(self, store_path, split: str | None, max_views: int = 4, train: bool = False,
                  shuffle: bool = True, views: str = "all", flip_aug: bool = True,
-                 use_flip: bool = False):
+                 use_flip: bool = False, preload: bool = False):
         self.store_path = store_path
         self.max_views = max_views
         self.train = train
@@ -57,6 +57,9 @@ class StudyDataset(Dataset):
         self.studies = np.asarray(studies, dtype=np.int64)
         self.labels = np.asarray(store.labels, dtype=np.float32)[self.studies]
         self.study_ids = [store.study_ids[s] for s in self.studies]
+        # preload: read the split's studies into memory once (small stores: every later epoch
+        # then costs compute only, no store I/O).
+        self.cache = [store.read_study(int(s)) for s in self.studies] if preload else None
 
     @property
     def store(self):
@@ -88,7 +91,8 @@ class StudyDataset(Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        study = self.store.read_study(int(self.studies[index]))
+        study = (self.cache[index] if self.cache is not None
+                 else self.store.read_study(int(self.studies[index])))
         pick = self.choose_views(study.views, study.image_ids, seed)
         feats = study.features
         flip = self.use_flip

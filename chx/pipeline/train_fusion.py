@@ -43,6 +43,13 @@ class FusionOptions:
     balance: bool = False
     flip_aug: bool = True
     eval_batch_size: int = 16
+    preload: str = "auto"        # auto | on | off: hold the store's features in memory
+
+    def preload_for(self, store) -> bool:
+        """auto: preload when the uncompressed features fit in 4 GiB."""
+        if self.preload == "auto":
+            return store.n_images * store.nbytes_per_image <= 4 * 2**30
+        return self.preload == "on"
 
     def validate(self) -> None:
         if self.max_views < 1:
@@ -82,12 +89,13 @@ def train_fusion(store_path: str, out: Path, opts: FusionOptions, cfg: TrainConf
                        f"with the same options to finish it")
     classes = list(store.class_names)
     C = store.feature_shape[0]
+    preload = opts.preload_for(store)
     train_set = StudyDataset(store_path, "train", max_views=opts.max_views, train=True,
-                             shuffle=opts.shuffle, flip_aug=opts.flip_aug)
+                             shuffle=opts.shuffle, flip_aug=opts.flip_aug, preload=preload)
     if len(train_set) == 0:
         raise ChxError(f"store {store_path} has no training studies (split 'train'); assign splits in "
                        f"the manifest (`chx prepare ... --val-fraction`) and extract again")
-    val_set = StudyDataset(store_path, "val", max_views=opts.max_views)
+    val_set = StudyDataset(store_path, "val", max_views=opts.max_views, preload=preload)
     train_labels = train_set.labels
     positives = np.nansum(train_labels >= 0.5, axis=0)
     zero = [c for c, n in zip(classes, positives) if n == 0]
