@@ -32,8 +32,10 @@ class ImageStudies(Dataset):
         import polars as pl
 
         df = read_manifest(manifest).filter(pl.col("split") == "train")
-        self.classes = class_columns(df)
-        self.groups = [g for _, g in df.group_by("study_id", maintain_order=True)]
+        classes = class_columns(df)
+        # Plain Python data: polars must not run inside forked DataLoader workers (it deadlocks).
+        self.groups = [(g["path"].to_list(), list(g.select(classes).row(0)))
+                       for _, g in df.group_by("study_id", maintain_order=True)]
         self.images, self.size, self.max_views = Path(images), size, max_views
 
     def __len__(self):
@@ -43,10 +45,10 @@ class ImageStudies(Dataset):
         from chx.data.images import load_image
         from chx.data.transforms import Preprocess, eval_transform
 
-        g = self.groups[i]
+        paths, labels = self.groups[i]
         norm = eval_transform(Preprocess(self.size))
-        views = torch.stack([norm(load_image(self.images / p, self.size)) for p in g["path"][: self.max_views]])
-        return {"views": views, "target": torch.tensor(g.select(self.classes).row(0), dtype=torch.float32)}
+        views = torch.stack([norm(load_image(self.images / p, self.size)) for p in paths[: self.max_views]])
+        return {"views": views, "target": torch.tensor(labels, dtype=torch.float32)}
 
 
 def collate_images(batch):

@@ -94,3 +94,12 @@ def test_resume_with_another_class_list_is_refused(capsys, tmp_path, nih_manifes
     code, _, err = run_chx(capsys, "train-backbone", "--manifest", tmp_path / "fewer.parquet", "--images",
                            images, *TINY, "--resume", "-o", out)
     assert code == 2 and "other classes" in err
+
+
+def test_class_without_training_positives_warns_and_still_trains(capsys, tmp_path, nih_manifest):
+    images = shared_path("nih-64px", "images")
+    code, _, err = run_chx(capsys, "train-backbone", "--manifest", nih_manifest, "--images", images, *TINY,
+                           "--max-steps", "1", "-o", tmp_path / "r")
+    assert code == 0, err
+    # NIH does not annotate e.g. Fracture: no positive training image, named in the warning.
+    assert "have no positive training image" in err and "Fracture" in err

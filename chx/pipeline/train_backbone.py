@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-from tqdm.auto import tqdm
 
 from chx.data.datasets import ImageDataset, label_matrix
 from chx.data.manifest import class_columns, read_manifest
@@ -24,7 +23,7 @@ from chx.losses import WeightedASL, class_prior
 from chx.metrics import prior_baseline, summarize
 from chx.models.backbone import ImageClassifier
 from chx.pipeline.inference import predict_probs
-from chx.pipeline.trainer import FitResult, TrainConfig, fit, setup_distributed
+from chx.pipeline.trainer import FitResult, TrainConfig, fit, setup_distributed, warn
 
 
 @dataclass
@@ -97,10 +96,10 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
     positives = np.nansum(train_labels >= 0.5, axis=0)
     zero = [c for c, n in zip(classes, positives) if n == 0]
     if zero and ddp.is_main:
-        tqdm.write(f"warning: {len(zero)} class(es) have no positive training image and cannot be "
+        warn(f"warning: {len(zero)} class(es) have no positive training image and cannot be "
                    f"learned: {', '.join(zero)}")
     if val_df.height == 0 and ddp.is_main:
-        tqdm.write("warning: no validation rows (split 'val'): best.pt will be the last checkpoint")
+        warn("warning: no validation rows (split 'val'): best.pt will be the last checkpoint")
 
     pre = Preprocess(size=opts.size, mode=opts.resize)
     train_set = ImageDataset(train_df, train_roots, pre, train=True, classes=classes)

@@ -22,7 +22,7 @@ from chx.errors import ChxError
 from chx.losses import WeightedASL, class_prior
 from chx.metrics import prior_baseline, summarize
 from chx.models.fusion import FusionModel
-from chx.pipeline.trainer import FitResult, TrainConfig, fit, setup_distributed
+from chx.pipeline.trainer import FitResult, TrainConfig, fit, setup_distributed, warn
 from chx.store import open_store
 
 
@@ -100,7 +100,7 @@ def train_fusion(store_path: str, out: Path, opts: FusionOptions, cfg: TrainConf
     positives = np.nansum(train_labels >= 0.5, axis=0)
     zero = [c for c, n in zip(classes, positives) if n == 0]
     if zero and ddp.is_main:
-        tqdm.write(f"warning: {len(zero)} class(es) have no positive training study: {', '.join(zero)}")
+        warn(f"warning: {len(zero)} class(es) have no positive training study: {', '.join(zero)}")
     prior = class_prior(train_labels)
 
     torch.manual_seed(cfg.seed)
@@ -127,7 +127,7 @@ def train_fusion(store_path: str, out: Path, opts: FusionOptions, cfg: TrainConf
                                     device=ddp.device, desc="validate")
             return {**summarize(probs, val_set.labels, classes, train_counts=positives), **baseline}
     elif ddp.is_main:
-        tqdm.write("warning: the store has no validation studies (split 'val'): best.pt = last checkpoint")
+        warn("warning: the store has no validation studies (split 'val'): best.pt = last checkpoint")
 
     meta = {
         "kind": "fusion",

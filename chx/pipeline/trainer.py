@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,6 +173,11 @@ class FitResult:
     best_metric: float | None
     interrupted: int | None = None   # the signal number when stopped by SIGINT/SIGTERM
     last_metrics: dict | None = None
+
+
+def warn(message: str) -> None:
+    """A message for the user on stderr that does not break the progress bars."""
+    tqdm.write(message, file=sys.stderr)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -352,7 +358,7 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
                                        f"--lr, check those images, or use --nonfinite skip")
                     optimizer.zero_grad(set_to_none=True)
                     if ddp.is_main:
-                        tqdm.write(f"warning: skipped step {step + 1}: NaN/inf loss (batch ids: {ids})")
+                        warn(f"warning: skipped step {step + 1}: NaN/inf loss (batch ids: {ids})")
                         _append_jsonl(metrics_path, {"kind": "skip", "step": step + 1, "ids": ids})
                     # The schedule still advances, so a skip does not shift later steps.
                 else:
@@ -391,7 +397,7 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
                 if stop_now.item() > 0:
                     if ddp.is_main:
                         checkpoint(last_path, last_metrics)
-                        tqdm.write(f"interrupted at step {step}/{total_steps}: {last_path} saved; "
+                        warn(f"interrupted at step {step}/{total_steps}: {last_path} saved; "
                                    f"continue with --resume")
                     bar.close()
                     return FitResult(out, step, best, interrupted=stop.signal or signal.SIGTERM,
