@@ -429,6 +429,17 @@ def demo(out, manifest, images, studies, size, model, backbone_epochs, backbone_
 
 # ----------------------------------------------------------------------------------------- entry
 
+def _one_line(error: ChxError) -> str:
+    """The user's message, also when a DataLoader worker raised it (torch re-raises it in the main
+    process with the worker's traceback prepended: keep the original message only)."""
+    message = str(error)
+    if "Original Traceback" in message:
+        last = [line for line in message.strip().splitlines() if line.strip()][-1]
+        prefix = f"{type(error).__module__}.{type(error).__name__}: "
+        message = last[len(prefix):] if last.startswith(prefix) else last
+    return message
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
@@ -439,10 +450,15 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        # One line, like every other user error: what is wrong and where to read more.
+        hint = ""
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None:
+            hint = f" (see `{ctx.command_path} --help`)"
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
         sys.exit(e.exit_code)
     except ChxError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -32,6 +32,7 @@ FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP")
 LATERAL_VIEWS: tuple[str, ...] = ("LATERAL", "LL")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 LABEL_DTYPE = pl.Float32
+MAX_IMAGES_PER_STUDY = 100   # more is a study_id mistake, not an exam
 
 
 def class_columns(df: pl.DataFrame) -> list[str]:
@@ -141,6 +142,15 @@ def validate(df: pl.DataFrame, source: str | None = None, *, soft: bool = False,
         cast.append(values.cast(LABEL_DTYPE).alias(c))
     if cast:
         df = df.with_columns(cast)
+
+    per_study = df.group_by("study_id").len()
+    crowded = per_study.filter(pl.col("len") > MAX_IMAGES_PER_STUDY)
+    if crowded.height:
+        study = crowded["study_id"][0]
+        row, image_id = _first_bad_row(df, df["study_id"] == study)
+        raise ManifestError(f"{where}row {row} (image_id {image_id}), column study_id: study {study!r} "
+                            f"has {crowded['len'][0]} images (more than {MAX_IMAGES_PER_STUDY}); a "
+                            f"study is one exam of one patient: check how study_id is built")
 
     if classes:
         # All images of a study must carry the same labels (labels are per study). Compare each

@@ -146,7 +146,7 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
         with ThreadPoolExecutor(max_workers=1) as writer, torch.no_grad():
             pending = None
             for batch in tqdm(loader, desc=f"extract{f' {shard_i}/{shard_n}' if shard_n > 1 else ''}",
-                              unit="batch", leave=False):
+                              unit="batch", leave=False, disable=None):
                 x = batch["image"].to(dev, non_blocking=True)
                 if dev.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)

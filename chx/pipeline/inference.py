@@ -29,7 +29,7 @@ def predict_probs(model: nn.Module, dataset: Dataset, *, batch_size: int = 16, w
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     out = []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show_progress):
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if show_progress else True):
         x = batch["image"].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from chx.data.datasets import ImageDataset, label_matrix
+from chx.data.datasets import ImageDataset, check_paths, label_matrix
 from chx.data.manifest import class_columns, read_manifest
 from chx.data.samplers import ClassAwareSampler, ShuffleSampler
 from chx.data.transforms import Preprocess
@@ -52,6 +52,7 @@ def load_manifests(manifests: list[Path], images: list[Path]) -> tuple[pl.DataFr
     tables, roots = [], []
     for i, path in enumerate(manifests):
         df = read_manifest(path)
+        check_paths(df, source=str(path))
         if tables and class_columns(df) != class_columns(tables[0]):
             raise ChxError(f"{path} has other classes than {manifests[0]}: prepare both onto the same "
                            f"list (`chx prepare ... --classes`)")
@@ -85,6 +86,7 @@ def _check_files(ds: ImageDataset, what: str) -> None:
 
 def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: BackboneOptions,
                    cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> FitResult:
+    cfg.validate()
     ddp = setup_distributed(cfg.device)
     df, roots = load_manifests(manifests, images)
     classes = class_columns(df)
@@ -92,21 +94,21 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
     if train_df.height == 0:
         raise ChxError("the manifest(s) have no training rows (split 'train' or empty); assign splits "
                        "with `chx prepare ... --val-fraction`")
-    train_labels = label_matrix(train_df, classes)
-    positives = np.nansum(train_labels >= 0.5, axis=0)
-    zero = [c for c, n in zip(classes, positives) if n == 0]
-    if zero and ddp.is_main:
-        warn(f"warning: {len(zero)} class(es) have no positive training image and cannot be "
-                   f"learned: {', '.join(zero)}")
-    if val_df.height == 0 and ddp.is_main:
-        warn("warning: no validation rows (split 'val'): best.pt will be the last checkpoint")
-
     pre = Preprocess(size=opts.size, mode=opts.resize)
     train_set = ImageDataset(train_df, train_roots, pre, train=True, classes=classes)
     val_set = ImageDataset(val_df, val_roots, pre, train=False, classes=classes) if val_df.height else None
     _check_files(train_set, "training")
     if val_set is not None:
         _check_files(val_set, "validation")
+
+    train_labels = label_matrix(train_df, classes)
+    positives = np.nansum(train_labels >= 0.5, axis=0)
+    zero = [c for c, n in zip(classes, positives) if n == 0]
+    if zero and ddp.is_main:
+        warn(f"warning: {len(zero)} class(es) have no positive training image and cannot be "
+             f"learned: {', '.join(zero)}")
+    if val_df.height == 0 and ddp.is_main:
+        warn("warning: no validation rows (split 'val'): best.pt will be the last checkpoint")
 
     prior = class_prior(train_labels)
     torch.manual_seed(cfg.seed)  # model initialisation

@@ -70,7 +70,7 @@ def predict_studies(model: FusionModel, dataset: StudyDataset, *, batch_size: in
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate_studies, generator=torch.Generator().manual_seed(0))
     out = []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
         logits = model(batch["features"].to(device), batch["view_mask"].to(device),
                        batch["view_types"].to(device))
         out.append(torch.sigmoid(logits.float()).cpu())
@@ -81,6 +81,7 @@ def predict_studies(model: FusionModel, dataset: StudyDataset, *, batch_size: in
 def train_fusion(store_path: str, out: Path, opts: FusionOptions, cfg: TrainConfig, *,
                  resume: bool = False, overwrite: bool = False) -> FitResult:
     opts.validate()
+    cfg.validate()
     ddp = setup_distributed(cfg.device)
     store = open_store(store_path)
     if not store.complete:

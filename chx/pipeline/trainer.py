@@ -318,9 +318,9 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
     losses_since_log: list[float] = []
     last_metrics = None
     bar = tqdm(total=total_steps, initial=step, desc=f"train {meta['kind']}", unit="step",
-               disable=not ddp.is_main or cfg.max_steps == 1, dynamic_ncols=True, leave=False)
+               disable=None if ddp.is_main else True, dynamic_ncols=True, leave=False)
     started = time.time()
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, contextlib.closing(bar):  # the bar is cleared before any error
         while step < total_steps and not (cfg.max_steps and step >= cfg.max_steps):
             epoch, k = divmod(step, steps_per_epoch)
             sampler.set_epoch(epoch, start=k * cfg.grad_accum * cfg.batch_size)
