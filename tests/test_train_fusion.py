@@ -109,3 +109,28 @@ def _make_partial(tmp_path):
                      feature_shape=(4, 2, 2), fingerprint={"m": 1})
     s.write(np.array([0]), np.zeros((1, 4, 2, 2), np.float16))
     return tmp_path / "p.zarr"
+
+
+def test_sigint_during_fusion_saves_last_and_resume_matches(capsys, tmp_path, covid_store):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    args = ["train-fusion", "--store", str(covid_store), *FAST, "--epochs", "10", "--log-every", "1"]
+    assert run_chx(capsys, *args, "-o", tmp_path / "full")[0] == 0
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "chx", *args, "-o", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 5):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert 0 < load_checkpoint(out / "last.pt")["step"] < len(losses(tmp_path / "full"))
+    assert run_chx(capsys, *args, "--resume", "-o", out)[0] == 0
+    assert losses(tmp_path / "full") == losses(out)

@@ -143,7 +143,7 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                             pin_memory=dev.type == "cuda")
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1) as writer, torch.no_grad():
+        with _store_errors(store_path), ThreadPoolExecutor(max_workers=1) as writer, torch.no_grad():
             pending = None
             for batch in tqdm(loader, desc=f"extract{f' {shard_i}/{shard_n}' if shard_n > 1 else ''}",
                               unit="batch", leave=False, disable=None):
@@ -167,6 +167,19 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
         store.mark_complete()
     return ExtractResult(str(store_path), written, remaining, remaining == 0,
                          written / elapsed if elapsed else 0.0)
+
+
+@contextlib.contextmanager
+def _store_errors(store_path):
+    """A failed store write (disk full, permissions) is one clear line; what was written before
+    stays marked done, so rerunning the same command continues from there."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ChxError(f"could not write to the feature store {store_path}: {reason}; the images "
+                       f"written so far are kept: free space (or fix the cause) and rerun the same "
+                       f"command to continue") from None
 
 
 def _features(model, x, pool: int) -> np.ndarray:
