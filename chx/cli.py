@@ -365,6 +365,54 @@ def store_info(path, as_json):
         click.echo(f"{k:<18} {v}")
 
 
+# ----------------------------------------------------------------------------------------- inference
+
+@cli.command("export", context_settings=CONTEXT, short_help="Bundle stage-1 + fusion weights for predict.")
+@click.option("--backbone", required=True, type=click.Path(path_type=Path), help="Stage-1 checkpoint.")
+@click.option("--fusion", required=True, type=click.Path(path_type=Path),
+              help="Fusion checkpoint trained on that backbone's features.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("model.chx"),
+              show_default=True, help="Bundle file to write.")
+def export(backbone, fusion, out):
+    """Bundle both models' weights, the class names and the preprocessing into one file."""
+    from chx.pipeline.predict import export_bundle
+
+    b = export_bundle(backbone, fusion, out)
+    click.echo(f"wrote {out}: {len(b['class_names'])} classes, backbone "
+               f"{b['backbone']['model_config']['backbone_name']} at {b['backbone']['preprocess']['size']} px")
+
+
+@cli.command("predict", context_settings=CONTEXT, short_help="Study probabilities for new images.")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="File from `chx export`.")
+@click.option("--backbone", type=click.Path(path_type=Path), default=None,
+              help="Stage-1 checkpoint (instead of --bundle, with --fusion).")
+@click.option("--fusion", type=click.Path(path_type=Path), default=None, help="Fusion checkpoint.")
+@click.option("--studies", "studies_dir", type=click.Path(path_type=Path), default=None,
+              help="A folder holding one sub-folder of images (PNG, JPEG, DICOM) per study.")
+@click.option("--files", multiple=True, type=click.Path(path_type=Path),
+              help="Image files of ONE study (repeat the option).")
+@click.option("--manifest", type=click.Path(path_type=Path), default=None,
+              help="A manifest (labels not needed) listing the images and their studies.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Images root of --manifest.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"),
+              show_default=True, help="Output file (.csv, .parquet or .json).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "cxr-lt"]), default="csv", show_default=True,
+              help="csv/json: one row per study; cxr-lt: the challenge submission, one row per image "
+                   "(dicom_id) with its study's probabilities, joined by study id.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def predict(bundle, backbone, fusion, studies_dir, files, manifest, images, out, fmt, device):
+    """Run stage 1 + fusion end to end on new studies, with training's preprocessing; deterministic."""
+    from chx.pipeline.predict import Predictor, collect_inputs
+    from chx.pipeline.predict import predict as run
+
+    inputs = collect_inputs(studies_dir, list(files) or None, manifest, images)
+    predictor = Predictor.load(bundle, backbone, fusion, device=device)
+    table = run(predictor, inputs, out, "json" if fmt == "json" else fmt)
+    click.echo(f"wrote {out}: {table.height:,} rows ({inputs['study_id'].n_unique():,} studies, "
+               f"{inputs.height:,} images)")
+
+
 # ----------------------------------------------------------------------------------------- demo
 
 @cli.command("make-demo-data", context_settings=CONTEXT, short_help="Write the synthetic multi-view dataset.")
