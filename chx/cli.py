@@ -365,6 +365,58 @@ def store_info(path, as_json):
         click.echo(f"{k:<18} {v}")
 
 
+# ----------------------------------------------------------------------------------------- evaluate
+
+@cli.command("evaluate", context_settings=CONTEXT, short_help="Long-tail metrics, report and plots.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="A backbone or fusion checkpoint (best.pt).")
+@click.option("--store", default=None, help="Feature store (for a fusion checkpoint).")
+@click.option("--manifest", type=click.Path(path_type=Path), default=None,
+              help="Manifest (for a backbone checkpoint), with --images.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Images root of --manifest.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate.")
+@click.option("--thresholds-from", default="val", show_default=True,
+              help="Split on which per-class F1 thresholds are tuned (max F1); 'none' = 0.5.")
+@click.option("--groups", type=click.Choice(["thirds", "cxr-lt"]), default="thirds", show_default=True,
+              help="Head/medium/tail by training frequency: thirds, or CXR-LT's 8/10/8 (26 classes).")
+@click.option("--views", type=click.Choice(["all", "frontal", "lateral"]), default="all", show_default=True,
+              help="Fusion only: keep only these views of each study (robustness to a missing view).")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder: metrics.json, per_class.csv, summary.md, plots.  [default: eval-SPLIT]")
+@click.option("--compare", "compare_runs", multiple=True, type=click.Path(path_type=Path),
+              help="Instead: print one side-by-side table of report folders (repeat the option).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers.")
+def evaluate(checkpoint, store, manifest, images, split, thresholds_from, groups, views, out,
+             compare_runs, batch_size, workers):
+    """Per-class and macro AP (the ranking metric), AUROC, F1 at tuned thresholds, head/medium/tail
+    mAP and calibration (ECE) of a checkpoint on one split; writes a report folder with plots.
+
+    \b
+    Examples:
+      chx evaluate --checkpoint runs/f/best.pt --store covid.zarr --split val -o eval-f
+      chx evaluate --checkpoint runs/b/best.pt --manifest covid.parquet --images covid-cxr/images --split val
+      chx evaluate --compare eval-f eval-b
+    """
+    if compare_runs:
+        from chx.pipeline.report import compare_runs as run_compare
+
+        click.echo(run_compare(list(compare_runs)))
+        return
+    if checkpoint is None:
+        raise ChxError("give --checkpoint (or --compare REPORT_DIR ... to compare reports)")
+    from chx.pipeline.evaluate import evaluate as run
+    from chx.pipeline.report import summary_table
+
+    out = out or Path(f"eval-{split}")
+    result = run(checkpoint, out, store=store, manifest=manifest, images=images, split=split,
+                 thresholds_from=None if thresholds_from == "none" else thresholds_from, groups=groups,
+                 views=views, batch_size=batch_size, workers=workers)
+    click.echo(summary_table(result))
+    click.echo(f"\nreport: {out}/ (metrics.json, per_class.csv, summary.md, plots)")
+
+
 # ----------------------------------------------------------------------------------------- inference
 
 @cli.command("export", context_settings=CONTEXT, short_help="Bundle stage-1 + fusion weights for predict.")

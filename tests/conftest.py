@@ -83,3 +83,19 @@ def covid_backbone(tmp_path_factory, covid_manifest) -> Path:
     cfg = TrainConfig(epochs=1, max_steps=2, batch_size=8, workers=0, device="cpu")
     train_backbone([covid_manifest], [shared_path("covid-cxr", "images")], out, opts, cfg)
     return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def covid_models(tmp_path_factory, covid_backbone, covid_manifest):
+    """A store (with flipped maps) extracted by `covid_backbone`, and a tiny fusion model on it."""
+    from chx.pipeline.extract import extract_features
+    from chx.pipeline.train_fusion import FusionOptions, train_fusion
+    from chx.pipeline.trainer import TrainConfig
+
+    tmp = tmp_path_factory.mktemp("covid-models")
+    store = str(tmp / "f.zarr")
+    extract_features(covid_backbone, covid_manifest, shared_path("covid-cxr", "images"), store, workers=0,
+                     flip=True, echo=lambda *a: None)
+    train_fusion(store, tmp / "fusion", FusionOptions(dim=32, heads=4, ffn_dim=64),
+                 TrainConfig(epochs=1, workers=0, device="cpu"))
+    return {"store": store, "fusion": tmp / "fusion" / "best.pt", "tmp": tmp}

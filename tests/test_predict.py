@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import polars as pl
-import pytest
 
 from chx.data.manifest import read_manifest, write_manifest
 from chx.data.study_dataset import StudyDataset
@@ -17,25 +16,10 @@ from chx.pipeline.train_fusion import predict_studies
 from tests.conftest import run_chx, shared_path
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, covid_backbone, covid_manifest):
-    from chx.pipeline.extract import extract_features
-    from chx.pipeline.train_fusion import FusionOptions, train_fusion
-    from chx.pipeline.trainer import TrainConfig
-
-    tmp = tmp_path_factory.mktemp("predict")
-    store = str(tmp / "f.zarr")
-    extract_features(covid_backbone, covid_manifest, shared_path("covid-cxr", "images"), store, workers=0,
-                     flip=True, echo=lambda *a: None)
-    train_fusion(store, tmp / "fusion", FusionOptions(dim=32, heads=4, ffn_dim=64),
-                 TrainConfig(epochs=1, workers=0, device="cpu"))
-    return {"store": store, "fusion": tmp / "fusion" / "best.pt", "tmp": tmp}
-
-
-def test_predict_equals_the_store_path_and_writes_a_submission(capsys, tmp_path, models, covid_backbone,
+def test_predict_equals_the_store_path_and_writes_a_submission(capsys, tmp_path, covid_models, covid_backbone,
                                                                 covid_manifest):
     bundle = tmp_path / "model.chx"
-    code, out, err = run_chx(capsys, "export", "--backbone", covid_backbone, "--fusion", models["fusion"],
+    code, out, err = run_chx(capsys, "export", "--backbone", covid_backbone, "--fusion", covid_models["fusion"],
                              "-o", bundle)
     assert code == 0, err
     val = read_manifest(covid_manifest).filter(pl.col("split") == "val")
@@ -48,12 +32,12 @@ def test_predict_equals_the_store_path_and_writes_a_submission(capsys, tmp_path,
     assert pred.height == val["study_id"].n_unique()
 
     # The same studies through the store and the fusion model (what training and evaluation see).
-    ckpt = load_checkpoint(models["fusion"])
+    ckpt = load_checkpoint(covid_models["fusion"])
     fusion = FusionModel.from_config(ckpt["model_config"])
     fusion.load_state_dict(ckpt["state_dict"])
-    ds = StudyDataset(models["store"], "val")
+    ds = StudyDataset(covid_models["store"], "val")
     want = predict_studies(fusion, ds)
-    want_flip = predict_studies(fusion, StudyDataset(models["store"], "val", use_flip=True))
+    want_flip = predict_studies(fusion, StudyDataset(covid_models["store"], "val", use_flip=True))
     want = dict(zip(ds.study_ids, 0.5 * (want + want_flip)))       # the store has flipped maps: TTA
     classes = ckpt["class_names"]
     got = {r[0]: np.array(r[1:]) for r in pred.select(["study_id", *classes]).iter_rows()}
@@ -73,14 +57,14 @@ def test_predict_equals_the_store_path_and_writes_a_submission(capsys, tmp_path,
     assert (tmp_path / "p.csv").read_bytes() == (tmp_path / "p2.csv").read_bytes()
 
 
-def test_predict_on_study_folders_and_files(capsys, tmp_path, models, covid_backbone):
+def test_predict_on_study_folders_and_files(capsys, tmp_path, covid_models, covid_backbone):
     src = shared_path("covid-cxr", "images")
     studies = tmp_path / "studies"
     for name, files in {"a": ["000001-12.png", "000001-17.png"], "b": ["000002-14.png"]}.items():
         (studies / name).mkdir(parents=True)
         for f in files:
             shutil.copy(src / f, studies / name / f)
-    common = ["--backbone", covid_backbone, "--fusion", models["fusion"]]
+    common = ["--backbone", covid_backbone, "--fusion", covid_models["fusion"]]
     code, out, err = run_chx(capsys, "predict", *common, "--studies", studies, "--format", "json",
                              "-o", tmp_path / "p.json")
     assert code == 0, err
@@ -96,8 +80,8 @@ def test_predict_on_study_folders_and_files(capsys, tmp_path, models, covid_back
     assert not (tmp_path / "x.csv").exists()
 
 
-def test_export_refuses_a_fusion_model_of_another_backbone(capsys, tmp_path, models, covid_backbone):
-    ckpt = load_checkpoint(models["fusion"])
+def test_export_refuses_a_fusion_model_of_another_backbone(capsys, tmp_path, covid_models, covid_backbone):
+    ckpt = load_checkpoint(covid_models["fusion"])
     ckpt["store_fingerprint"] = {**ckpt["store_fingerprint"], "checkpoint_sha256": "0" * 64}
     ckpt.pop("format")
     save_checkpoint(ckpt, tmp_path / "other.pt")

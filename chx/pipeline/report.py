@@ -1,0 +1,192 @@
+"""The evaluation report: metrics.json, per_class.csv, summary.md and plots; side-by-side runs.
+
+``result`` is :func:`chx.metrics.evaluate_scores`'s record. A report folder holds
+
+    metrics.json      the record, JSON-safe (NaN -> null)
+    per_class.csv     class, group, train_count, support, n, ap, auc, f1, threshold
+    summary.md        macro table, per-class table (by training frequency), skipped classes, plots
+    ap_per_class.png, pr_curves.png, reliability.png   (when scores and labels are given)
+
+Every file is written to a temp name and renamed, so a folder never holds a half-written file.
+:func:`compare_runs` reads several such folders back into one Markdown table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from chx import plots   # imports matplotlib only when a plot is drawn
+from chx.errors import ChxError
+from chx.metrics import classes_by_frequency
+
+MACRO_ROWS = (("mAP", "mAP"), ("mAUC", "mAUC"), ("mF1", "mF1"), ("mAP head", "mAP_head"),
+              ("mAP medium", "mAP_medium"), ("mAP tail", "mAP_tail"), ("ECE", "ece"), ("n", "n"))
+CSV_COLUMNS = ("class", "group", "train_count", "support", "n", "ap", "auc", "f1", "threshold")
+
+
+def json_safe(obj):
+    """Plain JSON values: numpy scalars/arrays -> numbers/lists, NaN and inf -> None, Paths -> str."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise ChxError(f"could not write {path}: {e.strerror or e} (free some space or choose another --out)") \
+            from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if _missing(x):
+        return "n/a"
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return str(int(x))
+    return f"{x:.{digits}f}"
+
+
+def _fmt_metric(key: str, x) -> str:
+    return _fmt(x, 4 if key == "ece" else 3)
+
+
+def summary_table(result: dict) -> str:
+    """Markdown: the macro table (mAP, mAUC, mF1, mAP head/medium/tail, ECE, n), then one row per
+    class ordered by training frequency (most frequent first)."""
+    lines = ["| metric | value |", "|---|---:|"]
+    lines += [f"| {label} | {_fmt_metric(key, result.get(key))} |" for label, key in MACRO_ROWS]
+    lines += ["", "| class | group | train | support | n | AP | AUROC | F1 | threshold |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in classes_by_frequency(result):
+        r = result["per_class"][c]
+        lines.append(f"| {c} | {r.get('group') or 'n/a'} | {_fmt(r.get('train_count'))} | "
+                     f"{_fmt(r.get('support'))} | {_fmt(r.get('n'))} | {_fmt(r.get('ap'))} | "
+                     f"{_fmt(r.get('auc'))} | {_fmt(r.get('f1'))} | {_fmt(r.get('threshold'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _per_class_csv(result: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for c, r in result["per_class"].items():
+        row = [c] + [r.get(col) for col in CSV_COLUMNS[1:]]
+        w.writerow(["" if _missing(v) else v for v in row])
+    return buf.getvalue()
+
+
+def write_report(out_dir: str | os.PathLike, result: dict, *, scores: np.ndarray | None = None,
+                 labels: np.ndarray | None = None, class_names: list[str] | None = None,
+                 title: str = "") -> dict[str, Path]:
+    """Write the report files into ``out_dir``; return {"metrics", "per_class", "summary"[, "ap_per_class",
+    "pr_curves", "reliability"]: path}. The PR curves and reliability diagram need ``scores`` and
+    ``labels`` ([N, K], NaN = not annotated, columns in ``class_names`` order; default: the
+    result's class order), so all three plots are written only when both are given."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    class_names = list(class_names if class_names is not None else result.get("class_names") or result["per_class"])
+    paths = {
+        "metrics": _write_text(out / "metrics.json", json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n"),
+        "per_class": _write_text(out / "per_class.csv", _per_class_csv(result)),
+    }
+    if scores is not None and labels is not None:
+        paths["ap_per_class"] = plots.plot_ap_per_class(result, out / "ap_per_class.png")
+        paths["pr_curves"] = plots.plot_pr_curves(scores, labels, class_names, result, out / "pr_curves.png")
+        paths["reliability"] = plots.plot_reliability(scores, labels, out / "reliability.png")
+
+    md = [f"# {title}", ""] if title else []
+    if isinstance(result.get("meta"), dict) and result["meta"]:   # what was evaluated, if the caller says
+        md += [f"- {k}: {v}" for k, v in result["meta"].items()] + [""]
+    md += [summary_table(result)]
+    skipped = result.get("skipped") or []
+    md += ["## Skipped classes", "",
+           ("No AP/AUROC (no positive or no negative among annotated rows): " + ", ".join(skipped))
+           if skipped else "None: every class has a positive and a negative among its annotated rows.", ""]
+    plot_titles = {"ap_per_class": "AP per class", "pr_curves": "Precision-recall, best and worst classes",
+                   "reliability": "Reliability"}
+    if "reliability" in paths:
+        md += ["## Plots", ""] + [f"![{t}]({paths[k].name})" for k, t in plot_titles.items()] + [""]
+    paths["summary"] = _write_text(out / "summary.md", "\n".join(md))
+    return paths
+
+
+def _read_run(run_dir: Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise ChxError(f"{run_dir} has no metrics.json; run `chx evaluate ... --out {run_dir}` first")
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ChxError(f"{path} is not a readable metrics file ({e}); rerun `chx evaluate ... --out {run_dir}`") \
+            from None
+    if not isinstance(result, dict) or not isinstance(result.get("per_class"), dict):
+        raise ChxError(f"{path} has no per_class metrics; rerun `chx evaluate ... --out {run_dir}`")
+    return result
+
+
+def _run_names(run_dirs: list[Path]) -> list[str]:
+    """Folder names; a name shared by several runs is prefixed with its parent folder."""
+    names = [Path(d).resolve().name for d in run_dirs]
+    return [f"{Path(d).resolve().parent.name}/{n}" if names.count(n) > 1 else n for d, n in zip(run_dirs, names)]
+
+
+def compare_runs(run_dirs: list[Path]) -> str:
+    """Markdown: the macro metrics side by side (one column per run, named by its folder), then AP
+    per class (rows by the first run's training frequency). Every run must share one class list."""
+    if not run_dirs:
+        raise ChxError("compare needs at least one run folder written by `chx evaluate ... --out DIR`")
+    results = [_read_run(Path(d)) for d in run_dirs]
+    names = _run_names([Path(d) for d in run_dirs])
+    classes = set(results[0]["per_class"])
+    for d, r in zip(run_dirs[1:], results[1:]):
+        if set(r["per_class"]) != classes:
+            only_first = sorted(classes - set(r["per_class"]))
+            only_this = sorted(set(r["per_class"]) - classes)
+            raise ChxError(f"{d} was evaluated on other classes than {run_dirs[0]} (only in {run_dirs[0]}: "
+                           f"{', '.join(only_first) or 'none'}; only in {d}: {', '.join(only_this) or 'none'}); "
+                           f"compare runs evaluated on the same class list")
+    header = "| metric | " + " | ".join(names) + " |"
+    rule = "|---|" + "---:|" * len(names)
+    lines = [header, rule]
+    lines += [f"| {label} | " + " | ".join(_fmt_metric(key, r.get(key)) for r in results) + " |"
+              for label, key in MACRO_ROWS]
+    lines += ["", "| class | group | " + " | ".join(f"AP {n}" for n in names) + " |",
+              "|---|---|" + "---:|" * len(names)]
+    for c in classes_by_frequency(results[0]):
+        group = results[0]["per_class"][c].get("group") or "n/a"
+        lines.append(f"| {c} | {group} | " + " | ".join(_fmt(r["per_class"][c].get("ap")) for r in results) + " |")
+    return "\n".join(lines) + "\n"
+
