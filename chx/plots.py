@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from chx.atomic import atomic_path
 from chx.metrics import GROUP_NAMES, calibration, classes_by_frequency
 
 DPI = 120
@@ -28,18 +28,12 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as PNG to a temp file beside ``path``, rename it over ``path``, close ``fig``."""
+    """Write ``fig`` as PNG atomically over ``path`` and close it."""
     plt = _pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
     finally:
         plt.close(fig)
     return path

@@ -6,8 +6,6 @@ import json
 
 import numpy as np
 import polars as pl
-import pytest
-import torch
 
 from chx.data.manifest import class_columns, read_manifest, write_manifest
 from chx.pipeline.checkpoint import load_checkpoint

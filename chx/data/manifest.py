@@ -19,11 +19,11 @@ Stored as Parquet (CSV is accepted on input). Writes are atomic (temp name, then
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import polars as pl
 
+from chx.atomic import atomic_path
 from chx.errors import ChxError, ManifestError
 
 ID_COLUMNS: tuple[str, ...] = ("image_id", "study_id", "subject_id", "view", "path", "split")
@@ -204,18 +204,11 @@ def read_manifest(path: str | os.PathLike, *, soft: bool = True, require_labels:
 def write_manifest(df: pl.DataFrame, path: str | os.PathLike) -> Path:
     """Write a manifest atomically: Parquet unless the name ends in .csv."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".csv":
             df.write_csv(tmp)
         else:
             df.write_parquet(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

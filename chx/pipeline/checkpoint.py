@@ -9,11 +9,11 @@ so it loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from chx.atomic import atomic_path
 from chx.errors import ChxError
 
 FORMAT = "chx-checkpoint-1"
@@ -22,21 +22,9 @@ FORMAT = "chx-checkpoint-1"
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     """Write to a temp file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path, fsync=True) as tmp:
+        with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **obj}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise ChxError(f"could not write checkpoint {path}: {e.strerror or e}; the previous file, if any, "
-                       f"is intact (free some space or choose another --out)") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -16,6 +16,7 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from chx.atomic import atomic_path
 from chx.data.images import load_image
 from chx.data.manifest import VIEWS, read_manifest
 from chx.data.study_dataset import deterministic_view_order
@@ -186,21 +187,13 @@ def predict(predictor: Predictor, inputs: pl.DataFrame, out: Path, fmt: str = "c
 
 
 def _write_table(table: pl.DataFrame, out: Path, kind: str) -> None:
-    """Atomic write (temp name, then rename): csv, parquet or json (a list of row objects)."""
+    """Atomic write: csv, parquet or json (a list of row objects)."""
     import json
-    import os
-    import tempfile
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         if kind == "json":
-            Path(tmp).write_text(json.dumps(table.to_dicts(), indent=1))
+            tmp.write_text(json.dumps(table.to_dicts(), indent=1))
         elif kind == "parquet":
             table.write_parquet(tmp)
         else:
             table.write_csv(tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -18,12 +18,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from chx import plots   # imports matplotlib only when a plot is drawn
+from chx.atomic import atomic_path
 from chx.errors import ChxError
 from chx.metrics import classes_by_frequency
 
@@ -50,20 +50,9 @@ def json_safe(obj):
 
 
 def _write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise ChxError(f"could not write {path}: {e.strerror or e} (free some space or choose another --out)") \
-            from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` atomically over ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -1,0 +1,44 @@
+"""Atomic file writes: write to a temp name beside the target, then rename over it.
+
+A reader (or a crashed run) never sees a half-written file under the real name. The temp file gets
+the permissions a plain ``open()`` would (0666 minus the umask), not mkstemp's private 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from chx.errors import ChxError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = False):
+    """Yield a temp path beside ``path``; on success it replaces ``path``, on failure it is removed.
+
+    An OSError (disk full, permissions) becomes a one-line :class:`ChxError` naming ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ChxError(f"could not write {path}: {e.strerror or e}; the previous file, if any, is "
+                       f"intact (free some space or choose another output)") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
