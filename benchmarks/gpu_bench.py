@@ -127,7 +127,7 @@ def main(argv=None):
     results["extract_pipeline_ratio"] = r.images_per_s / results["extract_bare_images_per_s"]
 
     # ---- fusion training from cached maps (C x h x w per view, 4 views)
-    del model, opt
+    model = opt = None  # free the stage-1 memory before the fusion benchmark
     fusion = FusionModel(c, a.classes, max_views=a.views).to(device)
     fopt = torch.optim.AdamW(fusion.parameters(), lr=3e-5)
     f = torch.randn(a.fusion_batch, a.views, c, h, h, device=device)
