@@ -94,6 +94,8 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
                        f"use a Zarr store (a folder path, e.g. features.zarr) for parallel extraction")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))   # torchrun: one GPU per rank
 
     model, ckpt = load_backbone(checkpoint)
     df = read_manifest(manifest)
