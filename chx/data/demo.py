@@ -32,13 +32,13 @@ class Finding:
 
 FINDINGS: tuple[Finding, ...] = (
     Finding("Cardiomegaly", 0.30, "both"),
-    Finding("Pleural Effusion", 0.18, "frontal"),
-    Finding("Lung Opacity", 0.12, "both"),
-    Finding("Posterior Mass", 0.08, "lateral"),
-    Finding("Nodule", 0.06, "frontal"),
-    Finding("Vertebral Fracture", 0.04, "lateral"),
-    Finding("Pneumothorax", 0.025, "frontal"),
-    Finding("Hiatal Hernia", 0.015, "lateral"),
+    Finding("Pleural Effusion", 0.20, "frontal"),
+    Finding("Posterior Mass", 0.15, "lateral"),
+    Finding("Lung Opacity", 0.10, "both"),
+    Finding("Nodule", 0.07, "frontal"),
+    Finding("Vertebral Fracture", 0.05, "lateral"),
+    Finding("Pneumothorax", 0.03, "frontal"),
+    Finding("Hiatal Hernia", 0.02, "lateral"),
 )
 CLASS_NAMES: tuple[str, ...] = tuple(f.name for f in FINDINGS) + ("No Finding",)
 

@@ -256,9 +256,11 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
         if ema is not None and ckpt.get("ema_state_dict") is not None:
             ema.load_state_dict(ckpt["ema_state_dict"])
         step, best = ckpt["step"], ckpt.get("best_metric")
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        per_rank = ckpt["rng"].get("per_rank") or [ckpt["rng"]]
+        rng = per_rank[ddp.rank] if len(per_rank) == ddp.world_size else per_rank[0]
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
 
     train_model = model
     if ddp.enabled:
@@ -271,19 +273,32 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
              "world_size": ddp.world_size, "steps_per_epoch": steps_per_epoch,
              "total_steps": total_steps}, indent=2, default=str))
 
+    rank_rng: list = []   # every rank's RNG states, gathered before rank 0 writes a checkpoint
+
+    def gather_rng() -> None:
+        """All ranks: collect each rank's RNG state, so a resumed DDP run restores its own stream."""
+        mine = {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        if ddp.enabled:
+            states = [None] * ddp.world_size
+            dist.all_gather_object(states, mine)
+            rank_rng[:] = states
+        else:
+            rank_rng[:] = [mine]
+
     def checkpoint(path: Path, metrics: dict | None):
         state = {**meta, "state_dict": model.state_dict(),
                  "ema_state_dict": ema.state_dict() if ema is not None else None,
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "best_metric": best,
                  "train_config": asdict(cfg), "metrics": metrics,
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+                 "rng": {**rank_rng[0], "per_rank": list(rank_rng)}}
         save_checkpoint(state, path)
 
     def validate() -> dict | None:
         nonlocal best
         metrics = None
+        gather_rng()
         if ddp.is_main:
             if evaluate is not None:
                 eval_model = ema.module if ema is not None else model
@@ -395,6 +410,7 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
                 if ddp.enabled:
                     dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
                 if stop_now.item() > 0:
+                    gather_rng()
                     if ddp.is_main:
                         checkpoint(last_path, last_metrics)
                         warn(f"interrupted at step {step}/{total_steps}: {last_path} saved; "
