@@ -70,6 +70,9 @@ class ImageDataset(Dataset):
         return {"image": image, "target": self.labels[index], "index": index,
                 "ids": self.image_ids[index]}
 
-    def missing_files(self) -> list[Path]:
-        """Image files that do not exist (checked up front, before hours of training)."""
-        return [f for f in self.files if not f.is_file()]
+    def require_files(self, what: str = "") -> None:
+        """Fail up front (before hours of work) when image files are missing, naming one."""
+        missing = [f for f in self.files if not f.is_file()]
+        if missing:
+            raise ChxError(f"{len(missing):,} {what + ' ' if what else ''}image file(s) are missing, e.g. "
+                           f"{missing[0]}; check --images (paths in the manifest are relative to it)")

@@ -50,9 +50,7 @@ def _backbone_scores(checkpoint: Path, df: pl.DataFrame, images: Path, split: st
     model, ckpt = load_backbone(checkpoint)
     classes = list(ckpt["class_names"])
     ds = ImageDataset(part, images, Preprocess.from_dict(ckpt["preprocess"]), classes=classes)
-    missing = ds.missing_files()
-    if missing:
-        raise ChxError(f"{len(missing):,} image file(s) are missing, e.g. {missing[0]}; check --images")
+    ds.require_files()
     scores = predict_probs(model, ds, batch_size=batch_size, workers=workers, tta=bool(ckpt.get("tta", True)),
                            desc=f"evaluate {split}")
     return scores, label_matrix(part, classes)

@@ -139,9 +139,7 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
     written, elapsed = 0, 0.0
     if len(todo_rows):
         dataset = ImageDataset(todo_df, images, pre, train=False, classes=classes)
-        missing = dataset.missing_files()
-        if missing:
-            raise ChxError(f"{len(missing):,} image file(s) are missing, e.g. {missing[0]}; check --images")
+        dataset.require_files()
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                             pin_memory=dev.type == "cuda")
         t0 = time.perf_counter()

@@ -39,9 +39,7 @@ def pseudo_label(checkpoint: Path, manifest: Path, images: Path, out: Path, *, t
                        f"prepare the manifest onto the checkpoint's classes (`chx prepare ... --classes`)")
     dataset = ImageDataset(df, images, Preprocess.from_dict(ckpt["preprocess"]), train=False,
                            classes=classes)
-    missing = dataset.missing_files()
-    if missing:
-        raise ChxError(f"{len(missing):,} image file(s) are missing, e.g. {missing[0]}; check --images")
+    dataset.require_files()
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model.to(dev)

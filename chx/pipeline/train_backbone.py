@@ -77,13 +77,6 @@ def split_rows(df: pl.DataFrame, roots: list[Path]):
     return pick(train_mask), pick(val_mask)
 
 
-def _check_files(ds: ImageDataset, what: str) -> None:
-    missing = ds.missing_files()
-    if missing:
-        raise ChxError(f"{len(missing):,} {what} image file(s) are missing, e.g. {missing[0]}; check "
-                       f"--images (paths in the manifest are relative to it)")
-
-
 def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: BackboneOptions,
                    cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> FitResult:
     cfg.validate()
@@ -97,9 +90,9 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
     pre = Preprocess(size=opts.size, mode=opts.resize)
     train_set = ImageDataset(train_df, train_roots, pre, train=True, classes=classes)
     val_set = ImageDataset(val_df, val_roots, pre, train=False, classes=classes) if val_df.height else None
-    _check_files(train_set, "training")
+    train_set.require_files("training")
     if val_set is not None:
-        _check_files(val_set, "validation")
+        val_set.require_files("validation")
 
     train_labels = label_matrix(train_df, classes)
     positives = np.nansum(train_labels >= 0.5, axis=0)
