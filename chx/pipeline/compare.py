@@ -2,7 +2,8 @@
 
 Stage-1 image probabilities (with hflip TTA when the backbone was trained with it) are aggregated
 per study by each method of :mod:`chx.pipeline.aggregate`; the fusion model predicts the same
-studies from the store. Every method is scored on the studies it can score (frontal-only and
+studies from the store (with hflip TTA when the store holds flipped maps, as `chx evaluate` and
+`chx predict` do). Every method is scored on the studies it can score (frontal-only and
 lateral-only skip studies without such a view), and fusion is also scored on those same subsets,
 so each comparison is like for like.
 """
@@ -16,16 +17,14 @@ import polars as pl
 
 from chx.data.datasets import ImageDataset
 from chx.data.manifest import class_columns, read_manifest
-from chx.data.study_dataset import StudyDataset
 from chx.data.transforms import Preprocess
 from chx.errors import ChxError
 from chx.metrics import summarize
-from chx.models.fusion import FusionModel
 from chx.pipeline.aggregate import METHODS, aggregate_by_study
 from chx.pipeline.checkpoint import load_checkpoint
-from chx.pipeline.inference import eval_weights, predict_probs
+from chx.pipeline.evaluate import fusion_scores
+from chx.pipeline.inference import predict_probs
 from chx.pipeline.pseudo_label import load_backbone
-from chx.pipeline.train_fusion import predict_studies
 
 
 def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, store: str,
@@ -47,10 +46,9 @@ def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, 
     probs = predict_probs(model, images_set, batch_size=batch_size, workers=workers,
                           tta=bool(bckpt.get("tta", True)), desc=f"stage 1 on {split}")
 
-    fmodel = FusionModel.from_config(fckpt["model_config"])
-    fmodel.load_state_dict(eval_weights(fckpt))
-    studies = StudyDataset(store, split, max_views=fmodel.max_views)
-    fprobs = predict_studies(fmodel, studies, batch_size=batch_size, desc=f"fusion on {split}")
+    fprobs, studies = fusion_scores(fckpt, store, split, batch_size=batch_size)
+    if fprobs is None:
+        raise ChxError(f"store {store} has no study in split {split!r}")
     fusion_by_id = dict(zip(studies.study_ids, range(len(studies))))
     labels_by_id = dict(zip(studies.study_ids, studies.labels))
 

@@ -29,17 +29,24 @@ from chx.pipeline.train_fusion import predict_studies
 from chx.store import open_store
 
 
-def _fusion_scores(ckpt: dict, store: str, split: str, views: str, batch_size: int):
+def fusion_scores(ckpt: dict, store: str, split: str, views: str = "all", batch_size: int = 16):
+    """Study probabilities of a fusion checkpoint on a store split (hflip TTA when the store holds
+    flipped maps, as `chx predict` does) and the StudyDataset they follow; (None, ds) if empty."""
     model = FusionModel.from_config(ckpt["model_config"])
     model.load_state_dict(eval_weights(ckpt))
     ds = StudyDataset(store, split, max_views=model.max_views, views=views)
     if len(ds) == 0:
-        return None, None
-    scores = predict_studies(model, ds, batch_size=batch_size, desc=f"evaluate {split}")
+        return None, ds
+    scores = predict_studies(model, ds, batch_size=batch_size, desc=f"fusion on {split}")
     if ds.has_flip:
         flipped = StudyDataset(store, split, max_views=model.max_views, views=views, use_flip=True)
         scores = 0.5 * (scores + predict_studies(model, flipped, batch_size=batch_size, desc="flip TTA"))
-    return scores, ds.labels
+    return scores, ds
+
+
+def _fusion_scores(ckpt: dict, store: str, split: str, views: str, batch_size: int):
+    scores, ds = fusion_scores(ckpt, store, split, views, batch_size)
+    return scores, (ds.labels if scores is not None else None)
 
 
 def _backbone_scores(checkpoint: Path, df: pl.DataFrame, images: Path, split: str, batch_size: int,
