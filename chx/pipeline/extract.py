@@ -28,7 +28,7 @@ from chx.data.datasets import ImageDataset, label_matrix
 from chx.data.manifest import class_columns, read_manifest
 from chx.data.transforms import Preprocess
 from chx.errors import ChxError
-from chx.pipeline.inference import eval_weights
+from chx.pipeline.inference import eval_weights, resolve_device
 from chx.pipeline.pseudo_label import load_backbone
 from chx.store import create_store, open_store, projected_size
 
@@ -92,8 +92,7 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
     if is_h5 and shard_n > 1:
         raise ChxError(f"HDF5 stores take one writer: --shard/torchrun cannot write {store_path}; "
                        f"use a Zarr store (a folder path, e.g. features.zarr) for parallel extraction")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))   # torchrun: one GPU per rank
 

@@ -8,6 +8,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from chx.errors import ChxError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``--device`` -> a torch device: auto = cuda when a GPU is visible, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ChxError(f"--device {device} was asked for but no GPU is visible; use --device cpu")
+    return dev
+
 
 def eval_weights(ckpt: dict) -> dict:
     """The weights to predict with: the EMA copy when the run kept one, else the model's own."""

@@ -26,7 +26,7 @@ from chx.models.backbone import ImageClassifier
 from chx.models.fusion import VIEW_TYPES, FusionModel
 from chx.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from chx.pipeline.extract import weights_hash
-from chx.pipeline.inference import eval_weights
+from chx.pipeline.inference import eval_weights, resolve_device
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
@@ -79,8 +79,7 @@ class Predictor:
                 data = load_checkpoint(Path(tmp) / "b.chx", kind="bundle")
         else:
             data = load_checkpoint(bundle, kind="bundle")
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
+        dev = resolve_device(device)
         bb = ImageClassifier.from_config(data["backbone"]["model_config"])
         bb.load_state_dict(data["backbone"]["state_dict"])
         fu = FusionModel.from_config(data["fusion"]["model_config"])

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from chx.data.datasets import ImageDataset, label_matrix
 from chx.data.manifest import class_columns, read_manifest, validate, write_manifest
@@ -16,7 +15,7 @@ from chx.data.transforms import Preprocess
 from chx.errors import ChxError
 from chx.models.backbone import ImageClassifier
 from chx.pipeline.checkpoint import load_checkpoint
-from chx.pipeline.inference import eval_weights, predict_probs
+from chx.pipeline.inference import eval_weights, predict_probs, resolve_device
 
 
 def load_backbone(checkpoint: Path) -> tuple[ImageClassifier, dict]:
@@ -40,8 +39,7 @@ def pseudo_label(checkpoint: Path, manifest: Path, images: Path, out: Path, *, t
     dataset = ImageDataset(df, images, Preprocess.from_dict(ckpt["preprocess"]), train=False,
                            classes=classes)
     dataset.require_files()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model.to(dev)
     probs = predict_probs(model, dataset, batch_size=batch_size, workers=workers, device=dev, tta=tta,
                           desc="pseudo-label")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from chx.data.samplers import EpochSampler
 from chx.errors import ChxError
 from chx.pipeline.checkpoint import load_checkpoint, save_checkpoint
+from chx.pipeline.inference import resolve_device
 
 
 @dataclass
@@ -94,20 +95,14 @@ class Distributed:
 
 def setup_distributed(device: str = "auto") -> Distributed:
     """Read torchrun's environment; init the process group once (NCCL on GPU, gloo on CPU)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ChxError("--device cuda was asked for but no GPU is visible; use --device cpu")
         return Distributed(device=dev)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
+    if dev.type == "cuda":
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
-    else:
-        dev = torch.device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return Distributed(rank=rank, world_size=world, local_rank=local, device=dev)
