@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_extract  # noqa: E402
 import bench_fusion_epoch  # noqa: E402
 import bench_manifest  # noqa: E402
+import flops_fusion  # noqa: E402
 
 
 def main():
@@ -30,6 +31,7 @@ def main():
     rows += bench_manifest.main([])
     rows += bench_extract.main(["--work", str(work)])
     rows.append(bench_fusion_epoch.main(["--work", str(work)]))
+    rows += flops_fusion.main([])
     print()
     print(f"| benchmark | value | detail | target |  ({date.today()}, {platform.machine()}, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__})")

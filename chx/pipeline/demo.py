@@ -95,17 +95,38 @@ def run_demo(out: Path, cfg: DemoConfig, manifest: Path | None = None, images: P
                                                            "view", "path", "split")]}
 
 
-def visibility_table(results: dict, visibility: dict[str, str]) -> str:
-    """mAP over the classes visible in both views / only frontal / only lateral, per method."""
-    groups = {g: [c for c, v in visibility.items() if v == g] for g in ("both", "frontal", "lateral")}
-    lines = ["| method | both views | frontal only | lateral only |", "|---|---:|---:|---:|"]
-    for name, r in results.items():
-        if name.startswith("fusion (on"):
-            continue
-        cells = []
-        for g, classes in groups.items():
-            aps = [r["per_class"][c]["ap"] for c in classes if not np.isnan(r["per_class"][c]["ap"])]
-            cells.append(f"{np.mean(aps):.3f}" if aps else "n/a")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+GROUPS = {"both": "both views", "frontal": "frontal only", "lateral": "lateral only",
+          "one view": "one view (frontal + lateral only)"}
 
+
+def by_visibility(results: dict, visibility: dict[str, str]) -> dict[str, dict[str, tuple[float, float]]]:
+    """{stage-1 method: {group: (its mAP, fusion's mAP on the same studies)}}, like for like.
+
+    Groups: classes whose sign is visible in both views, only the frontal view, only the lateral
+    view, and "one view" (frontal only + lateral only). Classes without a positive are left out."""
+    members = {g: [c for c, v in visibility.items() if v == g] for g in ("both", "frontal", "lateral")}
+    members["one view"] = members["frontal"] + members["lateral"]
+    out = {}
+    for name, r in results.items():
+        if not name.startswith("stage-1 "):
+            continue
+        method = name.removeprefix("stage-1 ")
+        fused = results.get(f"fusion (on {method} studies)", results["fusion"])
+        row = {}
+        for g, classes in members.items():
+            ok = [c for c in classes if not np.isnan(r["per_class"][c]["ap"])]
+            row[g] = ((float(np.mean([r["per_class"][c]["ap"] for c in ok])),
+                       float(np.mean([fused["per_class"][c]["ap"] for c in ok]))) if ok else (np.nan, np.nan))
+        out[method] = row
+    return out
+
+
+def visibility_table(results: dict, visibility: dict[str, str]) -> str:
+    """mAP by where a finding's sign is visible: each stage-1 aggregation against fusion scored on
+    the same studies (frontal-only and lateral-only aggregations cover fewer studies)."""
+    f = lambda x: "n/a" if np.isnan(x) else f"{x:.3f}"  # noqa: E731
+    lines = ["| stage-1 aggregation (vs fusion, same studies) | " + " | ".join(GROUPS.values()) + " |",
+             "|---|" + "---:|" * len(GROUPS)]
+    for method, row in by_visibility(results, visibility).items():
+        lines.append(f"| {method} | " + " | ".join(f"{f(a)} vs **{f(b)}**" for a, b in row.values()) + " |")
+    return "\n".join(lines)
