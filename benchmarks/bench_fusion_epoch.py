@@ -4,7 +4,8 @@ recomputes every view's features from the images each epoch). Same data, same mo
     .venv/bin/python benchmarks/bench_fusion_epoch.py [--studies 400] [--size 128] [--epochs 3]
 
 Each mode runs in its own process (so peak memory is its own); prints the median epoch time of each,
-their ratio and peak RSS. Target (issue 4): >= 20x at the demo's configuration.
+their ratio and the main process's peak RSS (DataLoader workers not included). Target (issue 4):
+>= 20x at the demo's configuration; `flops_fusion.py` gives the compute bound of that ratio.
 """
 
 from __future__ import annotations
