@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_extract  # noqa: E402
 import bench_fusion_epoch  # noqa: E402
 import bench_manifest  # noqa: E402
+import bench_store_write  # noqa: E402
 import flops_fusion  # noqa: E402
 
 
@@ -32,6 +33,7 @@ def main():
     rows += bench_extract.main(["--work", str(work)])
     rows.append(bench_fusion_epoch.main(["--work", str(work)]))
     rows += flops_fusion.main([])
+    rows += bench_store_write.main([])
     print()
     print(f"| benchmark | value | detail | target |  ({date.today()}, {platform.machine()}, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__})")

@@ -413,3 +413,27 @@ def test_two_concurrent_zarr_writers_equal_one(tmp_path):
             x, y = a.read_study(i), b.read_study(i)
             np.testing.assert_array_equal(x.features, y.features)
             np.testing.assert_array_equal(x.features_flip, y.features_flip)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_maps_are_uncompressed_unless_asked_and_equal_either_way(tmp_path, backend):
+    """Float16 maps barely compress (1.00-1.09x) while compression slows writes ~1.5x (Zarr zstd) to
+    ~20x (HDF5 lzf) at the paper's map size (benchmarks/bench_store_write.py): off by default."""
+    import h5py
+    import zarr
+
+    inp = make_inputs()
+    stored = {}
+    for compress in (False, True):
+        path = str(tmp_path / f"c{int(compress)}.{'h5' if backend == 'hdf5' else 'zarr'}")
+        with create_store(path, **inp, compress=compress) as s:
+            write_images(s, inp["image_ids"])
+            s.mark_complete()
+        with open_store(path) as s:
+            stored[compress] = np.concatenate([s.read_study(i).features.reshape(-1) for i in range(s.n_studies)])
+        if backend == "hdf5":
+            with h5py.File(path, "r") as f:
+                assert (f["features"].compression is not None) == compress
+        else:
+            assert bool(zarr.open_array(f"{path}/features", mode="r").compressors) == compress
+    np.testing.assert_array_equal(stored[False], stored[True])

@@ -84,7 +84,8 @@ def _creation_lock(store: str):
 
 def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path: str, *, pool: int = 1,
                      flip: bool = False, batch_size: int = 16, workers: int = 2, device: str = "auto",
-                     shard: str | None = None, overwrite: bool = False, echo=print) -> ExtractResult:
+                     shard: str | None = None, overwrite: bool = False, compress: bool = False,
+                     echo=print) -> ExtractResult:
     shard_i, shard_n = parse_shard(shard)
     if pool < 1:
         raise ChxError(f"--pool {pool}: must be >= 1 (1 = no pooling)")
@@ -126,7 +127,7 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
             store_path, image_ids=df["image_id"].to_list(), study_ids=df["study_id"].to_list(),
             views=df["view"].to_list(), splits=df["split"].fill_null("").to_list(),
             labels=label_matrix(df, classes), class_names=classes, feature_shape=feature_shape,
-            fingerprint=fingerprint, flip=flip, overwrite=overwrite and shard_i == 0)
+            fingerprint=fingerprint, flip=flip, overwrite=overwrite and shard_i == 0, compress=compress)
 
     rows_of_df = store.image_index(df["image_id"].to_list())      # manifest row -> store row
     todo_rows = np.asarray(store.missing_rows(), dtype=np.int64)

@@ -37,7 +37,8 @@ def open_store(path, mode: str = "r") -> FeatureStore:
 
 def create_store(path, *, image_ids: Sequence[str], study_ids: Sequence[str], views: Sequence[str],
                  splits: Sequence[str], labels, class_names: Sequence[str], feature_shape: Sequence[int],
-                 fingerprint: dict, flip: bool = False, overwrite: bool = False) -> FeatureStore:
+                 fingerprint: dict, flip: bool = False, overwrite: bool = False,
+                 compress: bool = False) -> FeatureStore:
     """Create a store for these images (per-image inputs in any order), or reopen a matching one.
 
     Images are stored sorted by study (first appearance of each study, then input order), so each
@@ -46,6 +47,10 @@ def create_store(path, *, image_ids: Sequence[str], study_ids: Sequence[str], vi
     each image), it is reopened for writing with its `done` mask kept (resume); its views, splits
     and labels are refreshed from these inputs if they changed (listed in `store.updated_metadata`).
     Any other difference raises ChxError naming it; overwrite=True replaces the store instead.
+
+    compress=True compresses the feature maps (Zarr: zstd; HDF5: lzf + byte shuffle); off by
+    default, because float16 maps barely compress (measured 1.00-1.09x) while compression costs
+    write and read time (see benchmarks/bench_store_write.py). A reopened store keeps its codec.
 
     Creation is atomic on local paths (built under a temp name beside the target, then renamed);
     on object storage the attributes, `format_version` among them, are written last, and a store
@@ -67,7 +72,8 @@ def create_store(path, *, image_ids: Sequence[str], study_ids: Sequence[str], vi
         raise ChxError(f"{path} exists but is not a usable feature store ({reason}); use --overwrite to replace it")
     if state == "store" and not overwrite:
         return _reopen(path, layout, classes, shape, fp, bool(flip), image_ids, study_ids, views, splits, labels)
-    created = mod.create(path, layout, classes, shape, fp, bool(flip), replace=(state != "absent"))
+    created = mod.create(path, layout, classes, shape, fp, bool(flip), replace=(state != "absent"),
+                         compress=bool(compress))
     if not created:   # another process created it meanwhile: same checks as a resume
         return _reopen(path, layout, classes, shape, fp, bool(flip), image_ids, study_ids, views, splits, labels)
     return open_store(path, "r+")

@@ -20,7 +20,7 @@ from chx.store._base import (FEATURE_DTYPE, FORMAT_VERSION, HINT_RECREATE, REQUI
 META_CHUNK = 65536
 # lzf (+ byte shuffle, which groups the float16 high/low bytes) decompresses far faster than gzip
 # for random study reads; it ships with h5py.
-COMPRESSION = {"compression": "lzf", "shuffle": True}
+COMPRESSION = {"compression": "lzf", "shuffle": True}   # only with compress=True
 
 
 def h5_path(path: str) -> Path:
@@ -142,7 +142,8 @@ def probe(path: str) -> tuple[str, str]:
         return "invalid", str(e)
 
 
-def create(path: str, layout: Layout, class_names, feature_shape, fingerprint, flip: bool, replace: bool) -> bool:
+def create(path: str, layout: Layout, class_names, feature_shape, fingerprint, flip: bool, replace: bool,
+           compress: bool = False) -> bool:
     """Write the file under a temp name beside the target, then move it into place; False when another
     process created the target first (not replace)."""
     import h5py
@@ -156,7 +157,7 @@ def create(path: str, layout: Layout, class_names, feature_shape, fingerprint, f
         with h5py.File(tmp, "w") as f:
             for name in ["features"] + (["features_flip"] if flip else []):
                 f.create_dataset(name, shape=(n, *feature_shape), dtype=FEATURE_DTYPE, chunks=(1, *feature_shape),
-                                 fillvalue=0, **COMPRESSION)
+                                 fillvalue=0, **(COMPRESSION if compress else {}))
             f.create_dataset("done", shape=(n,), dtype="uint8", chunks=mc(n), fillvalue=0)
             sdt = h5py.string_dtype("utf-8")
             for name, values in (("image_id", layout.image_ids), ("view", layout.views),

@@ -244,7 +244,8 @@ def probe(path: str) -> tuple[str, str]:
     return "foreign", reason
 
 
-def _populate(store, layout: Layout, class_names: list[str], feature_shape, fingerprint: dict, flip: bool) -> None:
+def _populate(store, layout: Layout, class_names: list[str], feature_shape, fingerprint: dict, flip: bool,
+              compress: bool = False) -> None:
     """Write a new store's arrays, then its attributes in one final metadata write (format_version
     with them), so an interrupted creation never looks like a valid store."""
     import zarr
@@ -254,8 +255,10 @@ def _populate(store, layout: Layout, class_names: list[str], feature_shape, fing
     mc = lambda m: (max(1, min(m, META_CHUNK)),)  # noqa: E731
     for name in ["features"] + (["features_flip"] if flip else []):
         g.create_array(name, shape=(n, *feature_shape), dtype=FEATURE_DTYPE, chunks=(1, *feature_shape),
-                       fill_value=0, chunk_key_encoding=KEY_ENCODING)
-    g.create_array("done", shape=(n,), dtype="uint8", chunks=(1,), fill_value=0, chunk_key_encoding=KEY_ENCODING)
+                       fill_value=0, chunk_key_encoding=KEY_ENCODING,
+                       compressors="auto" if compress else None)   # "auto": zarr's default, zstd
+    g.create_array("done", shape=(n,), dtype="uint8", chunks=(1,), fill_value=0, chunk_key_encoding=KEY_ENCODING,
+                   compressors=None)
     for name, values, count in (("image_id", layout.image_ids, n), ("view", layout.views, n),
                                 ("split", layout.splits, n), ("study_id", layout.study_ids, s)):
         a = g.create_array(name, shape=(count,), dtype=str, chunks=mc(count), chunk_key_encoding=KEY_ENCODING)
@@ -269,12 +272,13 @@ def _populate(store, layout: Layout, class_names: list[str], feature_shape, fing
                     "flip": bool(flip), "complete": False, "format_version": FORMAT_VERSION})
 
 
-def create(path: str, layout: Layout, class_names, feature_shape, fingerprint, flip: bool, replace: bool) -> bool:
+def create(path: str, layout: Layout, class_names, feature_shape, fingerprint, flip: bool, replace: bool,
+           compress: bool = False) -> bool:
     """Create a store at path; False when another process created one there first (not replace)."""
     local = local_path(path)
     if local is None:
         # Object storage has no rename: the attributes (format_version among them) are written last.
-        _populate(_make_store(path, read_only=False), layout, class_names, feature_shape, fingerprint, flip)
+        _populate(_make_store(path, read_only=False), layout, class_names, feature_shape, fingerprint, flip, compress)
         return True
     # Local: build beside the target under a temp name, then rename it into place.
     local.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +287,7 @@ def create(path: str, layout: Layout, class_names, feature_shape, fingerprint, f
     try:
         from zarr.storage import LocalStore
 
-        _populate(LocalStore(tmp), layout, class_names, feature_shape, fingerprint, flip)
+        _populate(LocalStore(tmp), layout, class_names, feature_shape, fingerprint, flip, compress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
