@@ -357,7 +357,7 @@ def store_info(path, as_json):
             ("studies", f"{info['studies']:,}"),
             ("views per study", ", ".join(f"{k}: {v}" for k, v in sorted(info["views_per_study"].items(),
                                                                           key=lambda kv: int(kv[0])))),
-            ("splits (studies)", ", ".join(f"{k or 'none'}: {v}" for k, v in info["splits"].items()) if isinstance(info["splits"], dict) else str(info["splits"])),
+            ("splits (studies)", ", ".join(f"{k or 'none'}: {v}" for k, v in info["splits"].items())),
             ("feature shape", f"{tuple(info['feature_shape'])} {info.get('dtype', 'float16')}"),
             ("size on disk", mb(info.get("bytes_on_disk"))),
             ("uncompressed", mb(info.get("bytes_uncompressed"))),
@@ -464,7 +464,7 @@ def predict(bundle, backbone, fusion, studies_dir, files, manifest, images, out,
 
     inputs = collect_inputs(studies_dir, list(files) or None, manifest, images)
     predictor = Predictor.load(bundle, backbone, fusion, device=device)
-    table = run(predictor, inputs, out, "json" if fmt == "json" else fmt)
+    table = run(predictor, inputs, out, fmt)
     click.echo(f"wrote {out}: {table.height:,} rows ({inputs['study_id'].n_unique():,} studies, "
                f"{inputs.height:,} images)")
 

@@ -30,7 +30,7 @@ from chx.data.transforms import Preprocess
 from chx.errors import ChxError
 from chx.pipeline.inference import eval_weights, resolve_device
 from chx.pipeline.pseudo_label import load_backbone
-from chx.store import create_store, open_store, projected_size
+from chx.store import create_store, is_hdf5_path, local_path, open_store, projected_size
 
 
 @dataclass
@@ -69,10 +69,10 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 @contextlib.contextmanager
 def _creation_lock(store: str):
     """Serialise store creation between shard processes on one machine (local paths)."""
-    if "://" in store and not store.startswith("file://"):
+    path = local_path(store)
+    if path is None:
         yield
         return
-    path = Path(store.removeprefix("file://"))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -89,8 +89,7 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
     shard_i, shard_n = parse_shard(shard)
     if pool < 1:
         raise ChxError(f"--pool {pool}: must be >= 1 (1 = no pooling)")
-    is_h5 = str(store_path).lower().endswith((".h5", ".hdf5"))
-    if is_h5 and shard_n > 1:
+    if is_hdf5_path(store_path) and shard_n > 1:
         raise ChxError(f"HDF5 stores take one writer: --shard/torchrun cannot write {store_path}; "
                        f"use a Zarr store (a folder path, e.g. features.zarr) for parallel extraction")
     dev = resolve_device(device)

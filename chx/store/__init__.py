@@ -12,7 +12,7 @@ created with flip=True), images sorted by study so study ``i`` is rows
 """
 
 from chx.store._api import create_store, is_hdf5_path, open_store
-from chx.store._base import FORMAT_VERSION, VIEWS, FeatureStore, StudyFeatures, projected_size
+from chx.store._base import FORMAT_VERSION, VIEWS, FeatureStore, StudyFeatures, local_path, projected_size
 
 __all__ = ["FeatureStore", "StudyFeatures", "create_store", "open_store", "projected_size", "is_hdf5_path",
-           "FORMAT_VERSION", "VIEWS"]
+           "local_path", "FORMAT_VERSION", "VIEWS"]

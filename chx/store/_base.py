@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,6 +19,16 @@ FEATURE_DTYPE = np.dtype("float16")
 REQUIRED_ARRAYS = ("features", "study_ptr", "image_id", "view", "split", "done", "study_id", "labels")
 REQUIRED_ATTRS = ("format_version", "class_names", "fingerprint", "feature_shape", "complete", "flip")
 HINT_RECREATE = "re-create it with `chx extract-features ... --overwrite`"
+
+
+def local_path(path) -> Path | None:
+    """The local path of a plain path or file:// URL; None for other URLs (object storage)."""
+    p = str(path)
+    if p.startswith("file://"):
+        return Path(p[len("file://"):])
+    if "://" in p:
+        return None
+    return Path(p)
 
 
 def projected_size(n_images: int, feature_shape: Sequence[int], flip: bool = False) -> int:
@@ -426,13 +438,6 @@ class FeatureStore:
         done = int(self.done.sum())
         counts = np.diff(self._study_ptr)
         vals, freq = np.unique(counts, return_counts=True)
-        study_split = self.study_splits
-        splits_studies: dict[str, int] = {}
-        for s in study_split:
-            splits_studies[s] = splits_studies.get(s, 0) + 1
-        splits_images: dict[str, int] = {}
-        for s in self._splits:
-            splits_images[s] = splits_images.get(s, 0) + 1
         on_disk = self.bytes_on_disk()
         feat_disk = self.feature_bytes_on_disk()
         uncompressed = done * self.nbytes_per_image      # features written so far, as float16
@@ -440,7 +445,7 @@ class FeatureStore:
             "path": self.path, "backend": self.backend, "format_version": self.format_version,
             "images": self.n_images, "studies": self.n_studies,
             "views_per_study": {int(v): int(f) for v, f in zip(vals, freq)},
-            "splits": splits_studies, "split_images": splits_images,
+            "splits": dict(Counter(self.study_splits)), "split_images": dict(Counter(self._splits)),
             "feature_shape": list(self._feature_shape), "dtype": str(FEATURE_DTYPE), "flip": self._has_flip,
             "bytes_on_disk": on_disk, "bytes_uncompressed": uncompressed,
             "bytes_projected": projected_size(self.n_images, self._feature_shape, self._has_flip),

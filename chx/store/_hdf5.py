@@ -15,7 +15,7 @@ import numpy as np
 
 from chx.errors import ChxError
 from chx.store._base import (FEATURE_DTYPE, FORMAT_VERSION, HINT_RECREATE, REQUIRED_ARRAYS, REQUIRED_ATTRS,
-                             FeatureStore, Layout, contiguous_runs)
+                             FeatureStore, Layout, contiguous_runs, local_path)
 
 META_CHUNK = 65536
 # lzf (+ byte shuffle, which groups the float16 high/low bytes) decompresses far faster than gzip
@@ -24,13 +24,11 @@ COMPRESSION = {"compression": "lzf", "shuffle": True}   # only with compress=Tru
 
 
 def h5_path(path: str) -> Path:
-    p = str(path)
-    if p.startswith("file://"):
-        return Path(p[len("file://"):])
-    if "://" in p:
+    local = local_path(path)
+    if local is None:
         raise ChxError(f"{path}: an HDF5 feature store must be a local file; use a Zarr store "
                        f"(a path not ending in .h5) for URLs")
-    return Path(p)
+    return local
 
 
 class HDF5FeatureStore(FeatureStore):
@@ -54,7 +52,7 @@ class HDF5FeatureStore(FeatureStore):
             raise ChxError(f"cannot open HDF5 feature store {path} ({e}); {hint}") from None
         self._local = local
         try:
-            attrs = {k: json.loads(self._file.attrs[k]) for k in self._file.attrs.keys()}
+            attrs = self._read_attrs()
         except Exception as e:
             self.close()
             raise ChxError(f"HDF5 feature store {path} has unreadable attributes ({e}); {HINT_RECREATE}") from None

@@ -16,20 +16,10 @@ import numpy as np
 
 from chx.errors import ChxError
 from chx.store._base import (FEATURE_DTYPE, FORMAT_VERSION, HINT_RECREATE, REQUIRED_ARRAYS, REQUIRED_ATTRS,
-                             FeatureStore, Layout, contiguous_runs)
+                             FeatureStore, Layout, contiguous_runs, local_path)
 
 META_CHUNK = 65536                     # elements per chunk of the small per-image/per-study arrays
 KEY_ENCODING = {"name": "default", "separator": "/"}   # chunk i of `done` is the key done/c/i
-
-
-def local_path(path: str) -> Path | None:
-    """The local directory of a plain path or file:// URL; None for other URLs."""
-    p = str(path)
-    if p.startswith("file://"):
-        return Path(p[len("file://"):])
-    if "://" in p:
-        return None
-    return Path(p)
 
 
 def _make_store(path: str, read_only: bool):
