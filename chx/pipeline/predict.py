@@ -33,6 +33,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
 def export_bundle(backbone: Path, fusion: Path, out: Path) -> dict:
     """Bundle a stage-1 and a fusion checkpoint into one file for `chx predict`."""
+    bundle = make_bundle(backbone, fusion)
+    save_checkpoint(bundle, out)
+    return bundle
+
+
+def make_bundle(backbone: Path, fusion: Path) -> dict:
+    """The bundle of a stage-1 and a fusion checkpoint (checked to belong together), in memory."""
     b = load_checkpoint(backbone, kind="backbone")
     f = load_checkpoint(fusion, kind="fusion")
     if list(b["class_names"]) != list(f["class_names"]):
@@ -43,7 +50,7 @@ def export_bundle(backbone: Path, fusion: Path, out: Path) -> dict:
     if fp.get("checkpoint_sha256") not in (None, weights_hash(weights)):
         raise ChxError(f"{fusion} was trained on features of another backbone than {backbone} "
                        f"(store fingerprint differs); give the backbone its store was extracted with")
-    bundle = {
+    return {
         "kind": "bundle",
         "class_names": list(b["class_names"]),
         "backbone": {"model_config": b["model_config"], "state_dict": weights,
@@ -52,8 +59,6 @@ def export_bundle(backbone: Path, fusion: Path, out: Path) -> dict:
         "features": {"pool": int(fp.get("pool", 1)), "flip_tta": bool(fp.get("flip", False))},
         "sources": {"backbone": str(backbone), "fusion": str(fusion)},
     }
-    save_checkpoint(bundle, out)
-    return bundle
 
 
 @dataclass
@@ -72,11 +77,7 @@ class Predictor:
         if bundle is None:
             if backbone is None or fusion is None:
                 raise ChxError("give --bundle FILE (from `chx export`), or both --backbone and --fusion")
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                export_bundle(backbone, fusion, Path(tmp) / "b.chx")
-                data = load_checkpoint(Path(tmp) / "b.chx", kind="bundle")
+            data = make_bundle(backbone, fusion)
         else:
             data = load_checkpoint(bundle, kind="bundle")
         dev = resolve_device(device)
