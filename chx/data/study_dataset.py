@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from chx.data.manifest import FRONTAL_VIEWS, LATERAL_VIEWS
 from chx.models.fusion import VIEW_TYPES
 from chx.store import open_store
 
@@ -49,7 +50,7 @@ class StudyDataset(Dataset):
         store = self.store
         self.has_flip = store.has_flip
         studies = store.study_indices(split)
-        self.keep = {"all": None, "frontal": ("PA", "AP"), "lateral": ("LATERAL", "LL")}[views]
+        self.keep = {"all": None, "frontal": FRONTAL_VIEWS, "lateral": LATERAL_VIEWS}[views]
         if self.keep is not None:
             ptr, v = store.study_ptr, np.asarray(store.views)
             studies = np.array([s for s in studies if np.isin(v[ptr[s]:ptr[s + 1]], self.keep).any()],

@@ -65,18 +65,12 @@ def _cached_hub_file(name: str) -> str | None:
     return None
 
 
-def _first_conv_keys(model: nn.Module) -> list[str]:
-    first = model.pretrained_cfg.get("first_conv") if hasattr(model, "pretrained_cfg") else None
-    if not first:
+def _cfg_modules(model: nn.Module, key: str) -> list[str]:
+    """Module names that timm's pretrained_cfg gives under ``key`` ("first_conv", "classifier")."""
+    names = model.pretrained_cfg.get(key) if hasattr(model, "pretrained_cfg") else None
+    if not names:
         return []
-    return [f"{k}.weight" for k in ([first] if isinstance(first, str) else first)]
-
-
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    head = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    if not head:
-        return ()
-    return tuple(f"{k}." for k in ([head] if isinstance(head, str) else head))
+    return [names] if isinstance(names, str) else list(names)
 
 
 def load_timm_weights(model: nn.Module, path: str | Path, in_chans: int) -> None:
@@ -94,9 +88,9 @@ def load_timm_weights(model: nn.Module, path: str | Path, in_chans: int) -> None
         state = timm.models.load_state_dict(str(path), use_ema=True, device="cpu")
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise ChxError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from exc
-    head = _classifier_prefixes(model)
+    head = tuple(f"{k}." for k in _cfg_modules(model, "classifier"))
     state = {k: v for k, v in state.items() if not (head and k.startswith(head))}
-    for key in _first_conv_keys(model):
+    for key in (f"{k}.weight" for k in _cfg_modules(model, "first_conv")):
         if key in state and state[key].ndim == 4 and state[key].shape[1] != in_chans:
             try:
                 state[key] = timm.models.adapt_input_conv(in_chans, state[key])

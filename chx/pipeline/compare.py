@@ -25,6 +25,7 @@ from chx.pipeline.checkpoint import load_checkpoint
 from chx.pipeline.evaluate import fusion_scores
 from chx.pipeline.inference import predict_probs
 from chx.pipeline.pseudo_label import load_backbone
+from chx.pipeline.report import fmt
 
 
 def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, store: str,
@@ -70,18 +71,11 @@ def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, 
 
 def format_table(results: dict[str, dict], title: str = "") -> str:
     """A Markdown table of mAP / mAUC / head-medium-tail mAP per method."""
-    def f(x):
-        return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
     lines = [title] if title else []
     lines += ["| method | studies | mAP | mAUC | mAP head | mAP medium | mAP tail |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['n_studies']} | {f(r['mAP'])} | {f(r['mAUC'])} | "
-                     f"{f(r.get('mAP_head'))} | {f(r.get('mAP_medium'))} | {f(r.get('mAP_tail'))} |")
+        lines.append(f"| {name} | {r['n_studies']} | {fmt(r['mAP'])} | {fmt(r['mAUC'])} | "
+                     f"{fmt(r.get('mAP_head'))} | {fmt(r.get('mAP_medium'))} | {fmt(r.get('mAP_tail'))} |")
     return "\n".join(lines)
-
-
-def per_class_ap(results: dict[str, dict], classes: list[str]) -> dict[str, dict[str, float]]:
-    """{method: {class: AP}} for reports by class (e.g. findings visible in one view only)."""
-    return {m: {c: r["per_class"][c]["ap"] for c in classes} for m, r in results.items()}
 

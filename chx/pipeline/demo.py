@@ -16,6 +16,7 @@ import numpy as np
 from chx.data.manifest import read_manifest
 from chx.pipeline.compare import compare_methods, format_table
 from chx.pipeline.extract import extract_features
+from chx.pipeline.report import fmt
 from chx.pipeline.train_backbone import BackboneOptions, train_backbone
 from chx.pipeline.train_fusion import FusionOptions, train_fusion
 from chx.pipeline.trainer import TrainConfig
@@ -124,9 +125,8 @@ def by_visibility(results: dict, visibility: dict[str, str]) -> dict[str, dict[s
 def visibility_table(results: dict, visibility: dict[str, str]) -> str:
     """mAP by where a finding's sign is visible: each stage-1 aggregation against fusion scored on
     the same studies (frontal-only and lateral-only aggregations cover fewer studies)."""
-    f = lambda x: "n/a" if np.isnan(x) else f"{x:.3f}"  # noqa: E731
     lines = ["| stage-1 aggregation (vs fusion, same studies) | " + " | ".join(GROUPS.values()) + " |",
              "|---|" + "---:|" * len(GROUPS)]
     for method, row in by_visibility(results, visibility).items():
-        lines.append(f"| {method} | " + " | ".join(f"{f(a)} vs **{f(b)}**" for a, b in row.values()) + " |")
+        lines.append(f"| {method} | " + " | ".join(f"{fmt(a)} vs **{fmt(b)}**" for a, b in row.values()) + " |")
     return "\n".join(lines)

@@ -60,7 +60,8 @@ def _missing(x) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
-def _fmt(x, digits: int = 3) -> str:
+def fmt(x, digits: int = 3) -> str:
+    """A table cell: "n/a" for None/NaN, integers as they are, other numbers with ``digits`` decimals."""
     if _missing(x):
         return "n/a"
     if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
@@ -69,7 +70,7 @@ def _fmt(x, digits: int = 3) -> str:
 
 
 def _fmt_metric(key: str, x) -> str:
-    return _fmt(x, 4 if key == "ece" else 3)
+    return fmt(x, 4 if key == "ece" else 3)
 
 
 def summary_table(result: dict) -> str:
@@ -81,9 +82,9 @@ def summary_table(result: dict) -> str:
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in classes_by_frequency(result):
         r = result["per_class"][c]
-        lines.append(f"| {c} | {r.get('group') or 'n/a'} | {_fmt(r.get('train_count'))} | "
-                     f"{_fmt(r.get('support'))} | {_fmt(r.get('n'))} | {_fmt(r.get('ap'))} | "
-                     f"{_fmt(r.get('auc'))} | {_fmt(r.get('f1'))} | {_fmt(r.get('threshold'))} |")
+        lines.append(f"| {c} | {r.get('group') or 'n/a'} | {fmt(r.get('train_count'))} | "
+                     f"{fmt(r.get('support'))} | {fmt(r.get('n'))} | {fmt(r.get('ap'))} | "
+                     f"{fmt(r.get('auc'))} | {fmt(r.get('f1'))} | {fmt(r.get('threshold'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +177,6 @@ def compare_runs(run_dirs: list[Path]) -> str:
               "|---|---|" + "---:|" * len(names)]
     for c in classes_by_frequency(results[0]):
         group = results[0]["per_class"][c].get("group") or "n/a"
-        lines.append(f"| {c} | {group} | " + " | ".join(_fmt(r["per_class"][c].get("ap")) for r in results) + " |")
+        lines.append(f"| {c} | {group} | " + " | ".join(fmt(r["per_class"][c].get("ap")) for r in results) + " |")
     return "\n".join(lines) + "\n"
 

@@ -409,12 +409,10 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
                     if ddp.is_main:
                         checkpoint(last_path, last_metrics)
                         warn(f"interrupted at step {step}/{total_steps}: {last_path} saved; "
-                                   f"continue with --resume")
-                    bar.close()
+                             f"continue with --resume")
                     return FitResult(out, step, best, interrupted=stop.signal or signal.SIGTERM,
                                      last_metrics=last_metrics)
             del batches, loader
         if step % val_interval != 0 and step != total_steps:  # stopped by --max-steps
             last_metrics = validate() or last_metrics
-    bar.close()
     return FitResult(out, step, best, last_metrics=last_metrics)
