@@ -43,7 +43,7 @@ def main(argv=None):
     from chx.data.manifest import read_manifest
     from chx.data.transforms import Preprocess
     from chx.pipeline.extract import extract_features
-    from chx.pipeline.pseudo_label import load_backbone
+    from chx.engine.inference import load_backbone
     from chx.store import open_store
 
     work = a.work or Path(tempfile.mkdtemp(prefix="chx-bench-"))

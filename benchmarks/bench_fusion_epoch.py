@@ -65,7 +65,7 @@ def collate_images(batch):
 def run_mode(mode: str, work: Path, studies: int, size: int, epochs: int, model_name: str) -> dict:
     from chx.losses import weighted_asl
     from chx.models.fusion import FusionModel
-    from chx.pipeline.pseudo_label import load_backbone
+    from chx.engine.inference import load_backbone
 
     torch.manual_seed(0)
     manifest = demo_data(work, studies, size)

@@ -13,7 +13,7 @@ import torch
 from chx.data.demo import CLASS_NAMES, make_demo_data
 from chx.data.transforms import Preprocess
 from chx.models.backbone import ImageClassifier
-from chx.pipeline.checkpoint import save_checkpoint
+from chx.models import save_checkpoint
 
 
 def demo_data(work: Path, studies: int, size: int) -> Path:

@@ -27,8 +27,12 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False):
     An OSError (disk full, permissions) becomes a one-line :class:`ChxError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:   # an unwritable or missing folder is the user's to fix: one line, like a failed write
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ChxError(f"could not write {path}: {e.strerror or e} (folder {path.parent}); choose "
+                       f"another output or fix the folder's permissions") from None
     os.close(fd)
     try:
         yield Path(tmp)

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from chx.errors import ChxError
+from chx.options import BackboneOptions, DemoConfig, ExtractOptions, FusionOptions, TrainConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -35,11 +36,40 @@ def cli():
 # ----------------------------------------------------------------------------------------- prepare
 
 def _with_adapters(f):
-    """Put the adapter list (name and one line each) into the command's help."""
-    from chx.data.adapters import ADAPTERS
-    listing = "\n".join(f"      {name:<10} {a.summary}" for name, a in ADAPTERS.items())
+    """Put the adapter list (name and one line each) into the command's help, and add the options
+    the adapters declare (each once, its help naming the adapters that take it)."""
+    from chx.data.adapters import ADAPTERS, merged_options
+    listing = "\n".join(f"      {name:<12} {a.summary}" for name, a in ADAPTERS.items())
     f.__doc__ = f.__doc__.replace("{adapters}", listing)
+    for opt, owners in reversed(merged_options()):   # click lists the last-applied option first
+        f = click.option(opt.flag, opt.name, **_adapter_option_kwargs(opt, owners))(f)
     return f
+
+
+def _adapter_option_kwargs(opt, owners: list[str]) -> dict:
+    """click.option keywords for a :class:`chx.data.adapters.AdapterOption`."""
+    kw = dict(default=opt.default, multiple=opt.multiple, metavar=opt.metavar,
+              show_default=opt.default_text or True, help=f"{', '.join(owners)}: {opt.help}")
+    if opt.type is bool:
+        return {**kw, "is_flag": True}
+    if opt.choices:
+        return {**kw, "type": click.Choice(opt.choices)}
+    if opt.minimum is not None:
+        return {**kw, "type": (click.IntRange if opt.type is int else click.FloatRange)(min=opt.minimum)}
+    return {**kw, "type": opt.type}
+
+
+def _classes_help() -> str:
+    from chx.data.adapters import ADAPTERS
+    from chx.data.classes import NAMED_CLASS_LISTS
+    others = {}
+    for name, a in ADAPTERS.items():
+        if a.default_classes != "cxr-lt-2023":
+            others.setdefault(a.default_classes, []).append(name)
+    defaults = "; ".join(f"{d!r} for {', '.join(names)}" for d, names in others.items())
+    return (f"Target class list: a named list ({', '.join(NAMED_CLASS_LISTS)}), 'data' (the dataset's own "
+            f"classes), a comma-separated list, or a file with one class per line.  "
+            f"[default: cxr-lt-2023; {defaults}]")
 
 
 @cli.command(context_settings=CONTEXT, short_help="Native label files -> one manifest.")
@@ -47,12 +77,10 @@ def _with_adapters(f):
 @click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Manifest to write (.parquet, or .csv).  [default: DATASET.parquet]")
-@click.option("--classes", default=None, metavar="LIST",
-              help="Target class list: 'cxr-lt-2023' (the 26 CXR-LT 2023 classes), 'data' (the "
-                   "dataset's own classes), a comma-separated list, or a file with one class per "
-                   "line.  [default: cxr-lt-2023; 'data' for covid]")
+@click.option("--classes", default=None, metavar="LIST", help=_classes_help())
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Images root: find each image under it and store its path relative to it.")
+              help="Images root: find each image under it and store its path relative to it; says "
+                   "how many were found, and fails when none is.")
 @click.option("--only-existing", is_flag=True,
               help="With --images: drop rows whose image file is not under the root.")
 @click.option("--val-fraction", type=float, default=0.0, show_default=True,
@@ -60,18 +88,16 @@ def _with_adapters(f):
 @click.option("--test-fraction", type=float, default=0.0, show_default=True,
               help="Fraction of patients for test.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
-@click.option("--uncertain", type=click.Choice(["ignore", "ones", "zeros"]), default="ignore",
-              show_default=True, help="chexpert: what -1 (uncertain) becomes: null, 1 or 0.")
-@click.option("--min-readers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="vindr: a finding is positive when at least this many readers marked it.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing -o manifest (checkpoints and stores made from it record its hash).")
 @_with_adapters
 def prepare(dataset, sources, out, classes, images, only_existing, val_fraction, test_fraction,
-            seed, uncertain, min_readers):
+            seed, overwrite, **adapter_options):
     """Turn a dataset's native label files into a chx manifest.
 
     DATASET is one of the adapters below; SOURCES are its label files (or folder). Classes are
     harmonised onto the target list; a class the dataset does not annotate is left empty (null),
-    never 0.
+    never 0. The options after --seed belong to the adapters named in their help.
 
     \b
     Datasets:
@@ -82,71 +108,91 @@ def prepare(dataset, sources, out, classes, images, only_existing, val_fraction,
       chx prepare nih Data_Entry_2017_v2020.csv --images nih/ --val-fraction 0.1 -o nih.parquet
       chx prepare chexpert CheXpert-v1.0-small/train.csv --uncertain ignore -o chexpert.parquet
       chx prepare covid covid-cxr/metadata.csv --images covid-cxr/images --val-fraction 0.2
+      chx prepare mimic-cxr mimic-cxr-2.0.0-chexpert.csv.gz mimic-cxr-2.0.0-metadata.csv.gz \\
+          mimic-cxr-2.0.0-split.csv.gz --images mimic-cxr-jpg/ -o mimic.parquet
+      chx prepare table hospital.csv --path-col file --study-col accession --patient-col mrn \\
+          --positive yes --negative no --images dicoms/ --val-fraction 0.1 -o hospital.parquet
     """
-    from chx.data.adapters import get_adapter
+    from chx.data.adapters import get_adapter, refuse_foreign_options
     from chx.pipeline.prepare import prepare as run_prepare
 
+    adapter = get_adapter(dataset)  # unknown name -> one clear line
     ctx = click.get_current_context()
-    get_adapter(dataset)  # unknown name -> one clear line
-    for name, owner in (("uncertain", "chexpert"), ("min_readers", "vindr")):
-        given = ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-        if given and dataset != owner:
-            raise ChxError(f"--{name.replace('_', '-')} applies only to `chx prepare {owner}`")
+    typed = click.core.ParameterSource.COMMANDLINE
+    refuse_foreign_options(dataset, [n for n in adapter_options if ctx.get_parameter_source(n) == typed])
     if only_existing and images is None:
         raise ChxError("--only-existing needs --images ROOT (the folder to look for the images in)")
     for src in sources:
         if not src.exists():
             raise ChxError(f"{src} does not exist; give the dataset's label file(s) or folder")
-    options = {"chexpert": {"uncertain": uncertain}, "vindr": {"min_readers": min_readers}}.get(dataset, {})
+    target = out or Path(f"{dataset}.parquet")
+    if target.exists() and not overwrite:
+        raise ChxError(f"{target} exists; a new manifest (another --seed, another split) under models "
+                       f"made from the old one invites patient leakage: use --overwrite to replace it, "
+                       f"or choose another -o")
     out = out or Path(f"{dataset}.parquet")
     s = run_prepare(dataset, list(sources), out, classes=classes, images=images,
                     only_existing=only_existing, val_fraction=val_fraction,
-                    test_fraction=test_fraction, seed=seed, options=options)
+                    test_fraction=test_fraction, seed=seed,
+                    options={o.name: adapter_options[o.name] for o in adapter.options})
     splits = ", ".join(f"{k if k != 'None' else 'unassigned'} {v:,}" for k, v in s["splits"].items())
     click.echo(f"wrote {out}: {s['images']:,} images, {s['studies']:,} studies "
                f"({s['multi_view_studies']:,} multi-view), {s['subjects']:,} patients, "
                f"{len(s['positives'])} classes; splits: {splits}")
+    click.echo("views: " + ", ".join(f"{v} {n:,}" for v, n in s["views"].items()))
+    for line in s["notes"]:
+        click.echo(f"note: {line}")
     annotated = [c for c in s["positives"] if s["annotated"][c]]
     missing = [c for c in s["positives"] if not s["annotated"][c]]
-    click.echo("positives: " + ", ".join(f"{c} {s['positives'][c]:,}" for c in annotated))
+    click.echo("positives (images): " + ", ".join(f"{c} {s['positives'][c]:,}" for c in annotated))
     if missing:
         click.echo(f"not annotated by {dataset} (null): " + ", ".join(missing))
+    g = s["groups"]
+    click.echo(f"groups by training prevalence (head > 10%, tail < 1%): head {len(g['head'])}, "
+               f"medium {len(g['medium'])}, tail {len(g['tail'])}"
+               + (f"; tail: {', '.join(g['tail'])}" if g["tail"] else ""))
 
 
 # ----------------------------------------------------------------------------------------- training
 
+def _opt(defaults, name: str, *decls: str, **kw):
+    """A click option whose default is the dataclass field ``name`` of ``defaults`` (chx.options:
+    the one table of defaults)."""
+    flags = decls or (f"--{name.replace('_', '-')}",)
+    return click.option(*flags, name, default=getattr(defaults, name), show_default=True, **kw)
+
+
 def train_options(f):
     """Optimisation options shared by train-backbone and train-fusion (paper defaults)."""
+    T = TrainConfig
     opts = [
-        click.option("--epochs", type=float, default=6.0, show_default=True,
-                     help="Epochs (fractions allowed)."),
-        click.option("--batch-size", type=int, default=8, show_default=True, help="Batch size per process."),
-        click.option("--lr", type=float, default=3e-5, show_default=True, help="AdamW peak learning rate."),
-        click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay."),
-        click.option("--warmup", type=float, default=0.05, show_default=True,
-                     help="Linear warm-up, as a fraction of all steps; then cosine decay (stepped per step)."),
-        click.option("--grad-accum", type=int, default=1, show_default=True,
-                     help="Batches accumulated per optimizer step."),
-        click.option("--clip-grad", type=float, default=1.0, show_default=True,
-                     help="Max gradient norm (0 = no clipping)."),
-        click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
-                     show_default=True, help="Mixed precision on GPU (auto: bf16 if supported, else fp16 "
-                     "with a grad scaler); CPU always runs fp32."),
-        click.option("--ema", type=float, default=0.0, show_default=True,
-                     help="EMA decay of the weights used for validation and prediction (0 = off; e.g. 0.999)."),
-        click.option("--val-every", type=float, default=0.25, show_default=True,
-                     help="Validate (and checkpoint) every this fraction of an epoch."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialisation, order, augmentation."),
-        click.option("--workers", type=int, default=2, show_default=True, help="DataLoader worker processes."),
-        click.option("--max-steps", type=int, default=0, show_default=True,
-                     help="Stop after this many optimizer steps (0 = train all epochs); the schedule is unchanged."),
-        click.option("--log-every", type=int, default=10, show_default=True,
-                     help="Write the training loss to metrics.jsonl every this many steps."),
-        click.option("--nonfinite", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
-                     help="On a NaN/inf loss: stop (naming the step and images) or skip that batch."),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto (cuda if available), cpu or cuda."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt, exactly."),
+        _opt(T, "epochs", type=float, help="Epochs (fractions allowed)."),
+        _opt(T, "batch_size", type=int, help="Batch size per process."),
+        _opt(T, "lr", type=float, help="AdamW peak learning rate."),
+        _opt(T, "weight_decay", type=float, help="AdamW weight decay."),
+        _opt(T, "warmup", type=float,
+             help="Linear warm-up, as a fraction of all steps; then cosine decay (stepped per step)."),
+        _opt(T, "min_lr_ratio", type=float, help="The cosine decay ends at lr x this."),
+        _opt(T, "grad_accum", type=int, help="Batches accumulated per optimizer step."),
+        _opt(T, "clip_grad", type=float, help="Max gradient norm (0 = no clipping)."),
+        _opt(T, "precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+             help="Mixed precision on GPU (auto: bf16 if supported, else fp16 with a grad scaler); "
+                  "CPU always runs fp32."),
+        _opt(T, "ema", type=float,
+             help="EMA decay of the weights used for validation and prediction (0 = off; e.g. 0.999)."),
+        _opt(T, "val_every", type=float, help="Validate (and checkpoint) every this fraction of an epoch."),
+        _opt(T, "seed", type=int, help="Seed of initialisation, order, augmentation."),
+        _opt(T, "workers", type=int, help="DataLoader worker processes."),
+        _opt(T, "max_steps", type=int,
+             help="Stop after this many optimizer steps (0 = train all epochs); the schedule is unchanged."),
+        _opt(T, "log_every", type=int, help="Write the training loss to metrics.jsonl every this many steps."),
+        _opt(T, "progress_every", type=float,
+             help="Seconds between progress lines (step, loss, items/s, ETA) when not on a terminal."),
+        _opt(T, "nonfinite", type=click.Choice(["stop", "skip"]),
+             help="On a NaN/inf loss: stop (naming the step and images) or skip that batch."),
+        _opt(T, "device", help="auto (cuda if available), cpu or cuda."),
+        click.option("--resume", is_flag=True,
+                     help="Continue the run in --out from its last.pt, exactly (options must be the run's)."),
         click.option("--overwrite", is_flag=True, help="Start again in an --out that already holds a run."),
     ]
     for opt in reversed(opts):
@@ -154,8 +200,7 @@ def train_options(f):
     return f
 
 
-def _train_config(kw: dict):
-    from chx.pipeline.trainer import TrainConfig
+def _train_config(kw: dict) -> TrainConfig:
     names = TrainConfig.__dataclass_fields__
     return TrainConfig(**{k: kw.pop(k) for k in list(kw) if k in names})
 
@@ -169,24 +214,28 @@ def _train_config(kw: dict):
               help="Images root; once for all manifests or once per --manifest.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/backbone"),
               show_default=True, help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
-@click.option("--model", default="convnext_small.fb_in22k_ft_in1k", show_default=True,
-              help="Any timm ConvNeXt name (e.g. convnext_atto for a quick CPU run).")
-@click.option("--size", type=click.IntRange(min=32), default=1024, show_default=True,
-              help="Input size in pixels (square).")
-@click.option("--resize", type=click.Choice(["letterbox", "squash"]), default="letterbox", show_default=True,
-              help="Keep the aspect ratio and pad (letterbox) or stretch (squash, the reference's way).")
-@click.option("--pretrained/--no-pretrained", default=True, show_default=True,
-              help="Start from timm's pretrained weights (needs the network once).")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Local timm/safetensors weights file to start from (offline alternative to --pretrained).")
-@click.option("--balance/--no-balance", default=True, show_default=True,
-              help="Class-aware balanced sampling (round-robin over classes).")
-@click.option("--tta/--no-tta", default=True, show_default=True,
-              help="Validation with the mean of the image and its horizontal flip.")
-@click.option("--grad-checkpointing", is_flag=True, help="Trade compute for memory (large inputs on GPU).")
+@_opt(BackboneOptions, "model", help="Any timm ConvNeXt name (e.g. convnext_atto for a quick CPU run).")
+@_opt(BackboneOptions, "size", type=click.IntRange(min=32), help="Input size in pixels (square).")
+@_opt(BackboneOptions, "resize", type=click.Choice(["letterbox", "squash"]),
+      help="Keep the aspect ratio and pad (letterbox) or stretch (squash, the reference's way).")
+@_opt(BackboneOptions, "pretrained", "--pretrained/--no-pretrained",
+      help="Start from timm's pretrained weights (needs the network once).")
+@_opt(BackboneOptions, "weights", type=click.Path(exists=True, dir_okay=False),
+      help="Local timm/safetensors weights file to start from (offline alternative to --pretrained).")
+@_opt(BackboneOptions, "balance", "--balance/--no-balance",
+      help="Class-aware balanced sampling (round-robin over classes).")
+@_opt(BackboneOptions, "tta", "--tta/--no-tta",
+      help="Validation with the mean of the image and its horizontal flip.")
+@_opt(BackboneOptions, "grad_checkpointing", "--grad-checkpointing", is_flag=True,
+      help="Trade compute for memory (large inputs on GPU).")
+@_opt(BackboneOptions, "eval_batch_size", type=click.IntRange(min=1), help="Batch size of validation.")
+@_opt(BackboneOptions, "soft_targets", type=click.Choice(["expected", "reference"]),
+      help="The loss on soft (pseudo) labels: expected (linear in the label: the expected loss of a "
+           "hard label drawn with that probability) or reference (the CheXFusion code's formula, "
+           "which sharpens pseudo labels). Equal on 0/1 labels.")
 @train_options
 def train_backbone(manifests, images, out, model, size, resize, pretrained, weights, balance, tta,
-                   grad_checkpointing, resume, overwrite, **kw):
+                   grad_checkpointing, eval_batch_size, soft_targets, resume, overwrite, **kw):
     """Stage 1: train a ConvNeXt + ML-Decoder image classifier with weighted ASL.
 
     \b
@@ -194,15 +243,24 @@ def train_backbone(manifests, images, out, model, size, resize, pretrained, weig
       chx train-backbone --manifest covid.parquet --images covid-cxr/images \\
           --model convnext_atto --size 256 --no-pretrained --epochs 3 -o runs/covid-b
     """
-    from chx.pipeline.train_backbone import BackboneOptions
     from chx.pipeline.train_backbone import train_backbone as run
 
     cfg = _train_config(kw)
     opts = BackboneOptions(model=model, size=size, resize=resize, pretrained=pretrained,
                            weights=weights, balance=balance, tta=tta,
-                           grad_checkpointing=grad_checkpointing)
+                           grad_checkpointing=grad_checkpointing, eval_batch_size=eval_batch_size,
+                           soft_targets=soft_targets)
     result = run(list(manifests), list(images), out, opts, cfg, resume=resume, overwrite=overwrite)
     _report_fit(result)
+
+
+def _values_then_extras(option: str, values, extras) -> list:
+    """An option that takes several values (``--files a b``): click gives the first value to the
+    option and the rest as extra arguments; extra arguments without the option are a mistake."""
+    if extras and not values:
+        raise ChxError(f"unexpected argument(s) {' '.join(map(str, extras))}; did you mean {option} "
+                       f"{' '.join(map(str, extras))}?")
+    return [*values, *extras]
 
 
 def _report_fit(result) -> None:
@@ -254,22 +312,31 @@ def pseudo_label(checkpoint, manifest, images, out, tta, batch_size, workers, de
 @click.option("--store", "store", required=True,
               help="Feature store: a folder (Zarr v3, default; or an fsspec URL like memory://x) or a "
                    "file ending .h5 (HDF5, one writer).")
-@click.option("--pool", type=int, default=1, show_default=True,
-              help="Average-pool K x K before storing (2 -> a quarter of the size).")
-@click.option("--flip", is_flag=True, help="Also store the horizontally flipped image's maps (TTA, augmentation).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size.")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="DataLoader workers decoding images while the model runs.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--shard", default=None, metavar="I/N",
-              help="Fill only images with row % N == I (run N processes at once; Zarr only). "
-                   "Under torchrun the rank is used.")
-@click.option("--compress/--no-compress", default=False, show_default=True,
+@_opt(ExtractOptions, "pool", type=int,
+      help="Average-pool K x K before storing (2 -> a quarter of the size).")
+@_opt(ExtractOptions, "flip", "--flip", is_flag=True, help="Also store the horizontally flipped image's maps (TTA, augmentation).")
+@_opt(ExtractOptions, "batch_size", type=click.IntRange(min=1), help="Batch size.")
+@_opt(ExtractOptions, "workers", type=click.IntRange(min=0),
+      help="DataLoader workers decoding images while the model runs.")
+@_opt(ExtractOptions, "device", help="auto, cpu or cuda.")
+@_opt(ExtractOptions, "shard", metavar="I/N",
+              help="Fill only this writer's shards (shard % N == I; run N processes at once; Zarr "
+                   "only). Under torchrun the rank is used.")
+@_opt(ExtractOptions, "compress", "--compress/--no-compress",
               help="Compress the maps in a new store (Zarr: zstd; HDF5: lzf). Float16 maps barely compress "
                    "(~1.09x) and it slows writing and reading; worth it only where bytes cost more than time.")
-@click.option("--overwrite", is_flag=True, help="Replace a store made by another checkpoint/options.")
+@_opt(ExtractOptions, "dtype", type=click.Choice(["float16", "bfloat16", "float8"]),
+      help="How maps are stored: float16; bfloat16; float8 (e4m3 with a per-image, per-channel scale: half "
+           "the bytes, error <= 1/16 of the channel's max). Reads give float16.")
+@_opt(ExtractOptions, "shard_images", type=click.IntRange(min=1),
+      help="Images per shard object.  [default: from the map size: ~256 MiB, 64-512 images]")
+@_opt(ExtractOptions, "repair", "--repair", is_flag=True,
+      help="Verify the store (checksums, missing objects) and extract its damaged shards again.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a store made by another checkpoint/options (only a store chx made: anything "
+                   "else at that path is refused, never deleted).")
 def extract_features(checkpoint, manifest, images, store, pool, flip, batch_size, workers, device,
-                     shard, compress, overwrite):
+                     shard, compress, dtype, shard_images, repair, overwrite):
     """Stage 2a: cache the frozen backbone's feature maps of every image, grouped by study.
 
     Rerunning the same command continues with the images not yet done; a store made by another
@@ -279,7 +346,7 @@ def extract_features(checkpoint, manifest, images, store, pool, flip, batch_size
 
     r = run(checkpoint, manifest, images, store, pool=pool, flip=flip, batch_size=batch_size,
             workers=workers, device=device, shard=shard, compress=compress, overwrite=overwrite,
-            echo=click.echo)
+            dtype=dtype, shard_images=shard_images, repair=repair, echo=click.echo)
     state = "complete" if r.complete else f"{r.remaining:,} images still to do (other shards or a rerun)"
     speed = f" at {r.images_per_s:.1f} images/s" if r.written else ""
     click.echo(f"wrote {r.written:,} images{speed}; store {r.store} is {state}")
@@ -289,31 +356,40 @@ def extract_features(checkpoint, manifest, images, store, pool, flip, batch_size
 @click.option("--store", "store", required=True, help="Complete feature store from extract-features.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/fusion"),
               show_default=True, help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
-@click.option("--max-views", type=click.IntRange(min=1), default=4, show_default=True,
+@_opt(FusionOptions, "max_views", type=click.IntRange(min=1),
               help="View slots per study (more views: a random subset in training, a fixed choice at evaluation).")
-@click.option("--encoder-layers", type=click.IntRange(min=0), default=2, show_default=True,
+@_opt(FusionOptions, "encoder_layers", type=click.IntRange(min=0),
               help="Transformer encoder layers (0: ML-Decoder directly on the projected tokens).")
-@click.option("--dim", type=click.IntRange(min=8), default=None,
+@click.option("--dim", type=click.IntRange(min=8), default=FusionOptions.dim,
               help="Token width D.  [default: the store's channels C]")
-@click.option("--heads", type=click.IntRange(min=1), default=8, show_default=True, help="Attention heads.")
-@click.option("--ffn-dim", type=click.IntRange(min=1), default=2048, show_default=True, help="Feed-forward width.")
-@click.option("--dropout", type=float, default=0.1, show_default=True, help="Dropout.")
-@click.option("--pos-enc/--no-pos-enc", default=True, show_default=True, help="2-D positional encoding per view.")
-@click.option("--segment-embedding/--no-segment-embedding", default=True, show_default=True,
+@_opt(FusionOptions, "heads", type=click.IntRange(min=1), help="Attention heads.")
+@_opt(FusionOptions, "ffn_dim", type=click.IntRange(min=1), help="Feed-forward width.")
+@_opt(FusionOptions, "dropout", type=float, help="Dropout.")
+@_opt(FusionOptions, "pos_enc", "--pos-enc/--no-pos-enc", help="2-D positional encoding per view.")
+@_opt(FusionOptions, "segment_embedding", "--segment-embedding/--no-segment-embedding",
               help="Learnable embedding of each view slot.")
-@click.option("--view-embedding/--no-view-embedding", default=False, show_default=True,
+@_opt(FusionOptions, "view_embedding", "--view-embedding/--no-view-embedding",
               help="Learnable embedding of the view type (frontal, lateral, other).")
-@click.option("--shuffle/--no-shuffle", default=True, show_default=True,
+@_opt(FusionOptions, "shuffle", "--shuffle/--no-shuffle",
               help="Random view order in training (order must carry no information).")
-@click.option("--balance/--no-balance", default=False, show_default=True, help="Class-aware sampling of studies.")
-@click.option("--flip-aug/--no-flip-aug", default=True, show_default=True,
+@_opt(FusionOptions, "balance", "--balance/--no-balance", help="Class-aware sampling of studies.")
+@_opt(FusionOptions, "flip_aug", "--flip-aug/--no-flip-aug",
               help="Use the store's flipped maps for a random half of the training studies (stores made with --flip).")
-@click.option("--preload", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Hold the store's features in memory (auto: when they fit in 4 GiB).")
+@_opt(FusionOptions, "soft_targets", type=click.Choice(["expected", "reference"]),
+      help="The loss on soft (pseudo) labels: expected (linear in the label: the expected loss of a "
+           "hard label drawn with that probability) or reference (the CheXFusion code's formula, "
+           "which sharpens pseudo labels). Equal on 0/1 labels.")
+@_opt(FusionOptions, "buffer_shards", type=click.IntRange(min=1),
+      help="Streaming (--preload off): each epoch shuffles the store's shards, then the studies within "
+           "buffers of this many shards, so every shard is read once per epoch.")
+@_opt(FusionOptions, "preload", type=click.Choice(["auto", "ram", "gpu", "off"]),
+              help="Where the split's features are held: ram, gpu (batches gathered on the GPU), off "
+                   "(streamed from the store, whole shards at a time); auto: gpu when they fit in half "
+                   "its free memory, else ram when they fit in half the available memory, else off.")
 @train_options
 def train_fusion(store, out, max_views, encoder_layers, dim, heads, ffn_dim, dropout, pos_enc,
-                 segment_embedding, view_embedding, shuffle, balance, flip_aug, preload, resume,
-                 overwrite, **kw):
+                 segment_embedding, view_embedding, shuffle, balance, flip_aug, soft_targets,
+                 buffer_shards, preload, resume, overwrite, **kw):
     """Stage 2b: train the CheXFusion transformer from the feature store alone.
 
     No image is read and no backbone is run.
@@ -322,27 +398,29 @@ def train_fusion(store, out, max_views, encoder_layers, dim, heads, ffn_dim, dro
     Example:
       chx train-fusion --store runs/covid.zarr --epochs 20 --lr 1e-4 -o runs/covid-f
     """
-    from chx.pipeline.train_fusion import FusionOptions
     from chx.pipeline.train_fusion import train_fusion as run
 
     cfg = _train_config(kw)
     opts = FusionOptions(max_views=max_views, encoder_layers=encoder_layers, dim=dim, heads=heads,
                          ffn_dim=ffn_dim, dropout=dropout, pos_enc=pos_enc,
                          segment_embedding=segment_embedding, view_embedding=view_embedding,
-                         shuffle=shuffle, balance=balance, flip_aug=flip_aug, preload=preload)
+                         shuffle=shuffle, balance=balance, flip_aug=flip_aug, soft_targets=soft_targets,
+                         buffer_shards=buffer_shards, preload=preload)
     _report_fit(run(store, out, opts, cfg, resume=resume, overwrite=overwrite))
 
 
-@cli.group("store", cls=_Group, context_settings=CONTEXT, short_help="Inspect feature stores (store info).")
+@cli.group("store", cls=_Group, context_settings=CONTEXT,
+           short_help="Inspect and check feature stores (store info, store verify).")
 def store_group():
-    """Inspect feature stores."""
+    """Inspect and check feature stores."""
 
 
 @store_group.command("info", context_settings=CONTEXT)
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def store_info(path, as_json):
-    """Images, studies, views per study, splits, size on disk, compression, fingerprint, completeness."""
+    """Layout, images, studies, views per study, splits, dtype and bytes per image, size on disk
+    (what `du` shows) and logical size, objects, fingerprint, completeness."""
     import json
 
     from chx.store import open_store
@@ -353,20 +431,60 @@ def store_info(path, as_json):
         click.echo(json.dumps(info, indent=2, default=str))
         return
     mb = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"  # noqa: E731
-    rows = [("backend", info.get("backend", "")), ("images", f"{info['images']:,}"),
-            ("studies", f"{info['studies']:,}"),
+    kb = lambda b: "n/a" if b is None else f"{b / 2**10:,.1f} KiB"  # noqa: E731
+    files = info.get("files")
+    rows = [("backend", f"{info.get('backend', '')} (format {info.get('format_version')})"),
+            ("layout", info.get("layout", "")),
+            ("images", f"{info['images']:,}"), ("studies", f"{info['studies']:,}"),
             ("views per study", ", ".join(f"{k}: {v}" for k, v in sorted(info["views_per_study"].items(),
                                                                           key=lambda kv: int(kv[0])))),
             ("splits (studies)", ", ".join(f"{k or 'none'}: {v}" for k, v in info["splits"].items())),
-            ("feature shape", f"{tuple(info['feature_shape'])} {info.get('dtype', 'float16')}"),
-            ("size on disk", mb(info.get("bytes_on_disk"))),
-            ("uncompressed", mb(info.get("bytes_uncompressed"))),
-            ("compression ratio", f"{info['compression_ratio']:.2f}" if info.get("compression_ratio") else "n/a"),
-            ("done", f"{info['done']:,} / {info['images']:,}"), ("complete", str(info["complete"])),
-            ("classes", f"{len(info['class_names'])}: {', '.join(info['class_names'][:5])}{', ...' if len(info['class_names']) > 5 else ''}"),
+            ("feature shape", f"{tuple(info['feature_shape'])}{' + flipped' if info.get('flip') else ''}"),
+            ("dtype", f"{info.get('dtype')} (read as float16)"),
+            ("bytes per image", f"{kb(info.get('bytes_per_image'))} stored, "
+                                f"{kb(info.get('bytes_per_image_decoded'))} as float16"),
+            ("size on disk (du)", mb(info.get("bytes_on_disk"))),
+            ("logical size", mb(info.get("bytes_logical"))),
+            ("files", "n/a" if not files else f"{files:,} ({info['files_per_image']:.3f} per image)"),
+            ("compression ratio", f"{info['compression_ratio']:.2f}" if info.get("compressed")
+             and info.get("compression_ratio") else "1 (uncompressed)"),
+            ("shards", f"{info.get('shards', 0):,} ({info.get('missing_shards', 0):,} not done, "
+                       f"{info.get('shards_without_objects', 0):,} done but without objects)"),
+            ("complete", str(info["complete"])),
+            ("classes", f"{len(info['class_names'])}: {', '.join(info['class_names'][:5])}"
+                        f"{', ...' if len(info['class_names']) > 5 else ''}"),
             ("fingerprint", ", ".join(f"{k}={v}" for k, v in info["fingerprint"].items()))]
     for k, v in rows:
         click.echo(f"{k:<18} {v}")
+    if info.get("shards_without_objects"):
+        click.echo("warning: shards marked done have no objects: run `chx store verify` and "
+                   "`chx extract-features ... --repair`", err=True)
+
+
+@store_group.command("verify", context_settings=CONTEXT)
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def store_verify(path, as_json):
+    """Read every shard and check it against the checksums stored at write time; list missing,
+    truncated, undecodable or changed shards. Exit code 2 when there is a problem; repair with
+    `chx extract-features ... --repair` (the same command that made the store)."""
+    import json
+
+    from chx.store import open_store
+
+    with open_store(path) as s:
+        report = s.verify()
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        click.echo(report.summary())
+        for p in report.problems[:50]:
+            click.echo(f"  shard {p.shard} (rows {p.rows[0]}-{p.rows[1] - 1}, from image {p.first_image}): "
+                       f"{p.problem}")
+        if len(report.problems) > 50:
+            click.echo(f"  ... and {len(report.problems) - 50} more")
+    if not report.ok:
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------- evaluate
@@ -382,18 +500,24 @@ def store_info(path, as_json):
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
 @click.option("--thresholds-from", default="val", show_default=True,
               help="Split on which per-class F1 thresholds are tuned (max F1); 'none' = 0.5.")
-@click.option("--groups", type=click.Choice(["thirds", "cxr-lt"]), default="thirds", show_default=True,
-              help="Head/medium/tail by training frequency: thirds, or CXR-LT's 8/10/8 (26 classes).")
+@click.option("--groups", type=click.Choice(["thirds", "cxr-lt", "prevalence"]), default="thirds", show_default=True,
+              help="Head/medium/tail by training frequency: thirds of the rank; cxr-lt: CXR-LT 2023's 8/10/8 of "
+                   "its 26 classes; prevalence: head > 10 %, tail < 1 % training prevalence (CXR-LT 2024, any list).")
 @click.option("--views", type=click.Choice(["all", "frontal", "lateral"]), default="all", show_default=True,
               help="Fusion only: keep only these views of each study (robustness to a missing view).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder: metrics.json, per_class.csv, summary.md, plots.  [default: eval-SPLIT]")
 @click.option("--compare", "compare_runs", multiple=True, type=click.Path(path_type=Path),
-              help="Instead: print one side-by-side table of report folders (repeat the option).")
+              help="Instead: print one side-by-side table of report folders: --compare eval-f eval-b.")
+@click.argument("more_runs", nargs=-1, type=click.Path(path_type=Path), metavar="")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report folder -o.")
+@click.option("--absent-classes", type=click.Choice(["skip", "zero"]), default="skip", show_default=True,
+              help="Classes without a positive in the split: left out of the macro means (skip), or "
+                   "counted as AP 0 (zero: what the reference code's torchmetrics mAP does; for comparison).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers.")
 def evaluate(checkpoint, store, manifest, images, split, thresholds_from, groups, views, out,
-             compare_runs, batch_size, workers):
+             compare_runs, more_runs, overwrite, absent_classes, batch_size, workers):
     """Per-class and macro AP (the ranking metric), AUROC, F1 at tuned thresholds, head/medium/tail
     mAP and calibration (ECE) of a checkpoint on one split; writes a report folder with plots.
 
@@ -403,6 +527,7 @@ def evaluate(checkpoint, store, manifest, images, split, thresholds_from, groups
       chx evaluate --checkpoint runs/b/best.pt --manifest covid.parquet --images covid-cxr/images --split val
       chx evaluate --compare eval-f eval-b
     """
+    compare_runs = _values_then_extras("--compare", compare_runs, more_runs)
     if compare_runs:
         from chx.pipeline.report import compare_runs as run_compare
 
@@ -416,9 +541,57 @@ def evaluate(checkpoint, store, manifest, images, split, thresholds_from, groups
     out = out or Path(f"eval-{split}")
     result = run(checkpoint, out, store=store, manifest=manifest, images=images, split=split,
                  thresholds_from=None if thresholds_from == "none" else thresholds_from, groups=groups,
-                 views=views, batch_size=batch_size, workers=workers)
+                 views=views, batch_size=batch_size, workers=workers, overwrite=overwrite,
+                 absent_classes=absent_classes)
     click.echo(summary_table(result))
-    click.echo(f"\nreport: {out}/ (metrics.json, per_class.csv, summary.md, plots)")
+    click.echo(f"\nreport: {out}/ (metrics.json, per_class.csv, predictions.csv, summary.md, plots)")
+
+
+@cli.command("compare", context_settings=CONTEXT, short_help="Fusion vs per-study aggregations of stage 1.")
+@click.option("--backbone", required=True, type=click.Path(path_type=Path), help="Stage-1 checkpoint.")
+@click.option("--fusion", required=True, type=click.Path(path_type=Path),
+              help="Fusion checkpoint trained on that backbone's store.")
+@click.option("--manifest", required=True, type=click.Path(path_type=Path), help="Manifest of the images.")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Images root of the manifest.")
+@click.option("--store", required=True, help="The feature store the fusion model was trained on.")
+@click.option("--split", default="val", show_default=True, help="Split to compare on.")
+@click.option("--groups", type=click.Choice(["thirds", "cxr-lt", "prevalence"]), default="thirds", show_default=True,
+              help="Head/medium/tail by training frequency: thirds of the rank; cxr-lt: CXR-LT 2023's 8/10/8 of "
+                   "its 26 classes; prevalence: head > 10 %, tail < 1 % training prevalence (CXR-LT 2024, any list).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table (Markdown) and the full results (same name, .json) here.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers.")
+def compare(backbone, fusion, manifest, images, store, split, groups, out, batch_size, workers):
+    """Score fusion against the stage-1 model's predictions aggregated per study (mean, max, the
+    reference's view-weighted mean, frontal-only, lateral-only), every method on the same studies
+    (frontal-only and lateral-only cover fewer studies: fusion is scored on those too).
+
+    Stage 1 and fusion both use flip TTA as `chx evaluate` does; mAP is per study.
+
+    \b
+    Example:
+      chx compare --backbone runs/b/best.pt --fusion runs/f/best.pt --manifest covid.parquet \\
+          --images covid-cxr/images --store runs/covid.zarr --split val -o compare-val.md
+    """
+    import json
+
+    from chx.pipeline.compare import compare_methods, format_table
+    from chx.pipeline.report import json_safe
+
+    results = compare_methods(backbone, fusion, manifest, images, store, split, workers=workers,
+                              batch_size=batch_size, groups=groups)
+    table = format_table(results, title=f"{split} split (mAP per study)")
+    click.echo(table)
+    if out is not None:
+        from chx.atomic import atomic_path
+
+        with atomic_path(out) as tmp:
+            tmp.write_text(table + "\n")
+        with atomic_path(out.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(json_safe(results), indent=1))
+        click.echo(f"wrote {out} and {out.with_suffix('.json')}")
 
 
 # ----------------------------------------------------------------------------------------- inference
@@ -429,13 +602,63 @@ def evaluate(checkpoint, store, manifest, images, split, thresholds_from, groups
               help="Fusion checkpoint trained on that backbone's features.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("model.chx"),
               show_default=True, help="Bundle file to write.")
-def export(backbone, fusion, out):
-    """Bundle both models' weights, the class names and the preprocessing into one file."""
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
+def export(backbone, fusion, out, overwrite):
+    """Bundle both models' weights, the class names and the preprocessing into one file.
+
+    \b
+    Example:
+      chx export --backbone runs/b/best.pt --fusion runs/f/best.pt -o model.chx
+    """
     from chx.pipeline.predict import export_bundle
 
+    if out.exists() and not overwrite:
+        raise ChxError(f"{out} exists; use --overwrite to replace it or choose another -o")
     b = export_bundle(backbone, fusion, out)
     click.echo(f"wrote {out}: {len(b['class_names'])} classes, backbone "
                f"{b['backbone']['model_config']['backbone_name']} at {b['backbone']['preprocess']['size']} px")
+
+
+@cli.command("import-reference", context_settings=CONTEXT,
+             short_help="A CheXFusion reference checkpoint -> a chx checkpoint.")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--kind", type=click.Choice(["backbone", "fusion"]), required=True,
+              help="backbone: the reference's stage-1 model; fusion: its FusionBackbone.")
+@click.option("--classes", required=True, metavar="LIST",
+              help="The class names the reference model was trained on, in its order: 'cxr-lt-2023', "
+                   "a comma-separated list or a file with one class per line.")
+@click.option("--backbone", "backbone_name", default=BackboneOptions.model, show_default=True,
+              help="timm name of its backbone (the paper's by default).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="chx checkpoint to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
+def import_reference(ckpt, kind, classes, backbone_name, out, overwrite):
+    """Convert a checkpoint of the CheXFusion reference code (its Lightning key layout) into a
+    chx checkpoint for evaluate, extract-features, export and as a start for fine-tuning.
+
+    Every key is mapped or dropped for a stated reason (printed); anything else is refused by name.
+    The reference's positional encoding is not reproduced, so an imported head gives other logits
+    than the reference until it is fine-tuned; backbone feature maps are the reference's exactly.
+    Preprocessing: the reference's 1024 px squash, its ImageNet normalisation folded into the stem.
+
+    \b
+    Example:
+      chx import-reference epoch=5.ckpt --kind backbone --classes cxr-lt-2023 -o runs/ref-b/best.pt
+    """
+    from chx.data.classes import resolve_classes
+    from chx.models import save_checkpoint
+    from chx.models.reference import convert_reference_checkpoint
+
+    if out.exists() and not overwrite:
+        raise ChxError(f"{out} exists; use --overwrite to replace it or choose another -o")
+    names = resolve_classes(classes, default="cxr-lt-2023")
+    if not names:
+        raise ChxError("--classes: give the reference model's class list (a named list, names, or a file)")
+    converted = convert_reference_checkpoint(ckpt, kind, names, backbone_name=backbone_name)
+    save_checkpoint(converted, out)
+    for what, why in (converted.get("imported_from", {}).get("dropped") or {}).items():
+        click.echo(f"dropped {what}: {why}")
+    click.echo(f"wrote {out}: {kind} checkpoint, {len(names)} classes")
 
 
 @cli.command("predict", context_settings=CONTEXT, short_help="Study probabilities for new images.")
@@ -446,23 +669,42 @@ def export(backbone, fusion, out):
 @click.option("--studies", "studies_dir", type=click.Path(path_type=Path), default=None,
               help="A folder holding one sub-folder of images (PNG, JPEG, DICOM) per study.")
 @click.option("--files", multiple=True, type=click.Path(path_type=Path),
-              help="Image files of ONE study (repeat the option).")
+              help="Image files of ONE study: --files a.dcm b.dcm (or repeat the option).")
+@click.option("--study-id", default="study", show_default=True, help="Study id of the --files study.")
+@click.argument("more_files", nargs=-1, type=click.Path(path_type=Path), metavar="")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
               help="A manifest (labels not needed) listing the images and their studies.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Images root of --manifest.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"),
               show_default=True, help="Output file (.csv, .parquet or .json).")
-@click.option("--format", "fmt", type=click.Choice(["csv", "json", "cxr-lt"]), default="csv", show_default=True,
-              help="csv/json: one row per study; cxr-lt: the challenge submission, one row per image "
-                   "(dicom_id) with its study's probabilities, joined by study id.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "parquet", "cxr-lt", "cxr-lt-2026"]),
+              default=None,
+              help="csv/json/parquet: one row per study; cxr-lt: the CXR-LT 2023/2024 submission, one row "
+                   "per image (dicom_id = image_id) with its study's probabilities, joined by study id; "
+                   "cxr-lt-2026: the same keyed by ImageID (the image's file name), 30 classes.  "
+                   "[default: from the -o suffix: .json, .parquet, else csv]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def predict(bundle, backbone, fusion, studies_dir, files, manifest, images, out, fmt, device):
-    """Run stage 1 + fusion end to end on new studies, with training's preprocessing; deterministic."""
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
+def predict(bundle, backbone, fusion, studies_dir, files, study_id, more_files, manifest, images, out, fmt,
+            device, overwrite):
+    """Run stage 1 + fusion end to end on new studies, with training's preprocessing; deterministic.
+
+    \b
+    Examples:
+      chx predict --bundle model.chx --files frontal.dcm lateral.dcm --study-id s1 -o s1.csv
+      chx predict --bundle model.chx --studies new-studies/ -o predictions.csv
+    """
     from chx.pipeline.predict import Predictor, collect_inputs
     from chx.pipeline.predict import predict as run
 
-    inputs = collect_inputs(studies_dir, list(files) or None, manifest, images)
+    from chx.pipeline.predict import output_format
+
+    files = _values_then_extras("--files", files, more_files)
+    fmt = output_format(out, fmt)
+    if out.exists() and not overwrite:
+        raise ChxError(f"{out} exists; use --overwrite to replace it or choose another -o")
+    inputs = collect_inputs(studies_dir, files or None, manifest, images, study_id=study_id)
     predictor = Predictor.load(bundle, backbone, fusion, device=device)
     table = run(predictor, inputs, out, fmt)
     click.echo(f"wrote {out}: {table.height:,} rows ({inputs['study_id'].n_unique():,} studies, "
@@ -495,17 +737,17 @@ def make_demo_data(out, studies, seed, size):
               help="Run on this manifest instead of synthetic data (needs --images; splits train/val[/test]).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Images root of --manifest.")
-@click.option("--studies", type=click.IntRange(min=50), default=1000, show_default=True,
+@_opt(DemoConfig, "studies", type=click.IntRange(min=50),
               help="Synthetic studies to generate.")
-@click.option("--size", type=click.IntRange(min=32), default=128, show_default=True, help="Image size in pixels.")
-@click.option("--model", default="convnext_atto", show_default=True, help="timm ConvNeXt for stage 1.")
-@click.option("--backbone-epochs", type=float, default=4, show_default=True, help="Stage-1 epochs.")
-@click.option("--backbone-lr", type=float, default=1e-3, show_default=True,
+@_opt(DemoConfig, "size", type=click.IntRange(min=32), help="Image size in pixels.")
+@_opt(DemoConfig, "model", help="timm ConvNeXt for stage 1.")
+@_opt(DemoConfig, "backbone_epochs", type=float, help="Stage-1 epochs.")
+@_opt(DemoConfig, "backbone_lr", type=float,
               help="Stage-1 learning rate (from scratch: higher than the paper's fine-tuning 3e-5).")
-@click.option("--fusion-epochs", type=float, default=30, show_default=True, help="Stage-2 epochs.")
-@click.option("--fusion-lr", type=float, default=3e-4, show_default=True, help="Stage-2 learning rate.")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, splits and training.")
+@_opt(DemoConfig, "fusion_epochs", type=float, help="Stage-2 epochs.")
+@_opt(DemoConfig, "fusion_lr", type=float, help="Stage-2 learning rate.")
+@_opt(DemoConfig, "workers", type=click.IntRange(min=0), help="DataLoader workers.")
+@_opt(DemoConfig, "seed", type=int, help="Seed of data, splits and training.")
 def demo(out, manifest, images, studies, size, model, backbone_epochs, backbone_lr, fusion_epochs,
          fusion_lr, workers, seed):
     """Run the whole pipeline: data -> train-backbone -> extract-features -> train-fusion ->
@@ -516,7 +758,7 @@ def demo(out, manifest, images, studies, size, model, backbone_epochs, backbone_
     both views, only the frontal or only the lateral view, and also prints mAP by visibility.
     Offline, CPU-friendly (4-6 minutes on 2 cores with the defaults).
     """
-    from chx.pipeline.demo import DemoConfig, run_demo, visibility_table
+    from chx.pipeline.demo import run_demo, visibility_table
 
     if (manifest is None) != (images is None):
         raise ChxError("--manifest and --images go together (the manifest's paths are relative to --images)")

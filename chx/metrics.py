@@ -43,14 +43,26 @@ def per_class_scores(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.nda
     return {"ap": ap, "auc": auc, "support": support}
 
 
-def group_indices(train_counts: np.ndarray, groups: str | tuple[int, ...] = "thirds") -> dict[str, np.ndarray]:
-    """Head / medium / tail class indices by training frequency rank.
+def group_indices(train_counts: np.ndarray, groups: str | tuple[int, ...] = "thirds",
+                  prevalence: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Head / medium / tail class indices by training frequency.
 
-    ``groups``: "thirds" (default) or "cxr-lt" (8 / 10 / 8, needs 26 classes) or explicit sizes.
+    ``groups``: "thirds" (default: thirds of the frequency rank), "cxr-lt" (CXR-LT 2023's 8 / 10 / 8
+    of its 26 classes), "prevalence" (any class list, as CXR-LT 2024: head above 10 % training
+    prevalence, tail below 1 %; needs ``prevalence`` [K] = positives / annotated) or explicit sizes.
     """
     counts = np.asarray(train_counts, dtype=np.float64)
     k = len(counts)
     order = np.argsort(-counts, kind="stable")
+    if groups == "prevalence":
+        from chx.data.classes import HEAD_MIN_PREVALENCE, TAIL_MAX_PREVALENCE
+
+        if prevalence is None:
+            raise ValueError("the prevalence grouping needs the training prevalence of each class")
+        p = np.asarray(prevalence, dtype=np.float64)[order]
+        return {"head": order[p > HEAD_MIN_PREVALENCE],
+                "medium": order[(p <= HEAD_MIN_PREVALENCE) & (p >= TAIL_MAX_PREVALENCE)],
+                "tail": order[p < TAIL_MAX_PREVALENCE]}
     if groups == "thirds":
         sizes = (math.ceil(k / 3), k - 2 * math.ceil(k / 3), math.ceil(k / 3))
         if sizes[1] < 0:
@@ -72,10 +84,22 @@ def _nanmean(x: np.ndarray) -> float:
     return float(x.mean()) if len(x) else float("nan")
 
 
+ABSENT_CLASSES = ("skip", "zero")
+
+
 def summarize(scores: np.ndarray, labels: np.ndarray, class_names: list[str],
-              train_counts: np.ndarray | None = None, groups="thirds") -> dict:
-    """Macro mAP / mAUC (+ head/medium/tail mAP when ``train_counts`` is given)."""
+              train_counts: np.ndarray | None = None, groups="thirds",
+              prevalence: np.ndarray | None = None, absent: str = "skip") -> dict:
+    """Macro mAP / mAUC (+ head/medium/tail mAP when ``train_counts`` is given).
+
+    ``absent``: what a class without a positive among its annotated rows does to the macro means:
+    "skip" (left out and listed in ``skipped``; chx's default) or "zero" (its AP counts as 0, as the
+    reference code's torchmetrics mAP does: lower whenever such classes exist; for comparison)."""
+    if absent not in ABSENT_CLASSES:
+        raise ValueError(f"absent must be one of {ABSENT_CLASSES}, not {absent!r}")
     pc = per_class_scores(scores, labels)
+    if absent == "zero":
+        pc["ap"] = np.where(np.isnan(pc["ap"]) & (pc["support"] == 0), 0.0, pc["ap"])
     out = {
         "mAP": _nanmean(pc["ap"]),
         "mAUC": _nanmean(pc["auc"]),
@@ -83,7 +107,7 @@ def summarize(scores: np.ndarray, labels: np.ndarray, class_names: list[str],
         "skipped": [c for c, a in zip(class_names, pc["ap"]) if np.isnan(a)],
     }
     if train_counts is not None:
-        for name, idx in group_indices(train_counts, groups).items():
+        for name, idx in group_indices(train_counts, groups, prevalence).items():
             out[f"mAP_{name}"] = _nanmean(pc["ap"][idx]) if len(idx) else float("nan")
     out["per_class"] = {c: {"ap": float(pc["ap"][i]), "auc": float(pc["auc"][i]),
                             "support": int(pc["support"][i])} for i, c in enumerate(class_names)}
@@ -187,7 +211,7 @@ def calibration(scores: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
 
 def evaluate_scores(scores: np.ndarray, labels: np.ndarray, class_names: list[str],
                     train_counts: np.ndarray | None = None, thresholds: np.ndarray | None = None,
-                    groups="thirds") -> dict:
+                    groups="thirds", prevalence: np.ndarray | None = None, absent: str = "skip") -> dict:
     """The full evaluation record: :func:`summarize`'s keys plus F1, calibration and groups.
 
     ``scores``/``labels``: [N, K]; ``thresholds``: [K] (None: 0.5 for every class, e.g. when no
@@ -203,14 +227,15 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray, class_names: list[st
     thresholds = np.full(k, 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
     if thresholds.shape != (k,):
         raise ValueError(f"thresholds {thresholds.shape} must have one value per class ({k})")
-    out = summarize(scores, labels, class_names, train_counts, groups)
+    out = summarize(scores, labels, class_names, train_counts, groups, prevalence, absent)
+    out["absent_classes"] = absent
     f1 = f1_at(scores, labels, thresholds)
     n_annotated = (~np.isnan(labels)).sum(axis=0)
     group_of: dict[str, str | None] = dict.fromkeys(class_names)
     out["groups"] = {name: [] for name in GROUP_NAMES}
     if train_counts is not None:
         train_counts = np.asarray(train_counts)
-        for name, idx in group_indices(train_counts, groups).items():
+        for name, idx in group_indices(train_counts, groups, prevalence).items():
             out["groups"][name] = [class_names[i] for i in idx]
             group_of.update(dict.fromkeys(out["groups"][name], name))
     else:

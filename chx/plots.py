@@ -58,14 +58,15 @@ def plot_ap_per_class(result: dict, path: str | os.PathLike) -> Path:
         ap = per_class[c].get("ap")
         colour = GROUP_COLOURS[per_class[c].get("group")]
         if _is_nan(ap):
-            ax.bar(i, 1.0, width=0.8, facecolor="none", edgecolor="#bbbbbb", hatch="///", linewidth=0)
-            ax.text(i, 0.02, "n/a", ha="center", va="bottom", rotation=90, fontsize=8, color="#555555",
-                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+            # an empty slot with a short "n/a" marker at the base: never a bar that reads as AP = 1
+            ax.plot([i - 0.35, i + 0.35], [0, 0], color="#7f7f7f", linewidth=2.5, solid_capstyle="butt")
+            ax.text(i, 0.015, "n/a", ha="center", va="bottom", rotation=90, fontsize=8, color="#555555")
         else:
             ax.bar(i, ap, width=0.8, color=colour, edgecolor="white", linewidth=0.5)
     handles = [Patch(color=GROUP_COLOURS[g], label=g) for g in GROUP_NAMES if result.get("groups", {}).get(g)]
     if any(_is_nan(per_class[c].get("ap")) for c in names):
-        handles.append(Patch(facecolor="none", edgecolor="#bbbbbb", hatch="///", label="not scored"))
+        from matplotlib.lines import Line2D
+        handles.append(Line2D([], [], color="#7f7f7f", linewidth=2.5, label="n/a: not scored (no positive)"))
     m = result.get("mAP")
     if not _is_nan(m):
         handles.append(ax.axhline(m, color="#c0392b", linestyle="--", linewidth=1.2, label=f"mAP {m:.3f}"))
@@ -98,7 +99,7 @@ def plot_pr_curves(scores: np.ndarray, labels: np.ndarray, class_names: list[str
     scored = sorted((c for c in class_names if not _is_nan(aps[c])), key=lambda c: -aps[c])
     best = scored[:n]
     worst = [c for c in scored[::-1][:n] if c not in best][::-1]
-    fig, ax = plt.subplots(figsize=(6.4, 5.2), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8.6, 5.2), layout="constrained")
     cmap_best, cmap_worst = plt.get_cmap("Blues"), plt.get_cmap("Reds")
     for group, style, cmap in ((best, "-", cmap_best), (worst, "--", cmap_worst)):
         for j, c in enumerate(group):
@@ -115,8 +116,9 @@ def plot_pr_curves(scores: np.ndarray, labels: np.ndarray, class_names: list[str
     ax.set_ylabel("precision")
     ax.set_title(f"Precision-recall: {len(best)} best and {len(worst)} worst classes by AP")
     ax.grid(alpha=0.3)
-    if scored:
-        ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    if scored:   # outside the axes: inside, it covered the worst classes' curves (bottom left)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False,
+                  borderaxespad=0.0)
     return _save(fig, path)
 
 

@@ -6,46 +6,16 @@ Real test data lives in ../shared/data relative to the project root. A user's fr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-
-
-def shared_path(*parts: str) -> Path:
-    """Path under ../shared/data; skips the test (fails under CI=true) when it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        reason = (f"real test data {path} is missing (it lives in ../shared/data beside the project; "
-                  f"a plain clone does not have it)")
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason + " and CI=true requires it")
-        pytest.skip(reason)
-    return path
+from helpers import shared_path
 
 
 @pytest.fixture
 def shared_data() -> Path:
     return shared_path()
-
-
-def run_chx(capsys, *args) -> tuple[int, str, str]:
-    """Run the real `chx` entry point in-process; return (exit code, stdout, stderr)."""
-    from chx.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-TINY = ["--model", "test_convnext", "--size", "64", "--no-pretrained", "--workers", "0"]
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +46,7 @@ def covid_manifest(tmp_path_factory) -> Path:
 def covid_backbone(tmp_path_factory, covid_manifest) -> Path:
     """A tiny stage-1 checkpoint (test_convnext, 64 px, 2 steps) trained on the covid images."""
     from chx.pipeline.train_backbone import BackboneOptions, train_backbone
-    from chx.pipeline.trainer import TrainConfig
+    from chx.engine.trainer import TrainConfig
 
     out = tmp_path_factory.mktemp("covid-backbone")
     opts = BackboneOptions(model="test_convnext", size=64, pretrained=False)
@@ -90,7 +60,7 @@ def covid_models(tmp_path_factory, covid_backbone, covid_manifest):
     """A store (with flipped maps) extracted by `covid_backbone`, and a tiny fusion model on it."""
     from chx.pipeline.extract import extract_features
     from chx.pipeline.train_fusion import FusionOptions, train_fusion
-    from chx.pipeline.trainer import TrainConfig
+    from chx.engine.trainer import TrainConfig
 
     tmp = tmp_path_factory.mktemp("covid-models")
     store = str(tmp / "f.zarr")
@@ -99,3 +69,16 @@ def covid_models(tmp_path_factory, covid_backbone, covid_manifest):
     train_fusion(store, tmp / "fusion", FusionOptions(dim=32, heads=4, ffn_dim=64),
                  TrainConfig(epochs=1, workers=0, device="cpu"))
     return {"store": store, "fusion": tmp / "fusion" / "best.pt", "tmp": tmp}
+
+
+@pytest.fixture(scope="session")
+def covid_reference_store(tmp_path_factory, covid_backbone, covid_manifest) -> Path:
+    """An uninterrupted extraction of the covid images by `covid_backbone` in shards of 8 images:
+    what the interrupted, sharded and disk-full extractions must equal."""
+    from chx.pipeline.extract import extract_features
+
+    store = tmp_path_factory.mktemp("covid-ref") / "ref.zarr"
+    extract_features(covid_backbone, covid_manifest, shared_path("covid-cxr", "images"), str(store), workers=0,
+                     batch_size=8, shard_images=8, echo=lambda *a: None)
+    return store
+

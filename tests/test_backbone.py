@@ -102,3 +102,16 @@ def test_pretrained_offline_uses_local_hub_cache(monkeypatch, tmp_path):
     gray = create_backbone(TINY, pretrained=True, in_chans=1)
     torch.testing.assert_close(gray.state_dict()["stem.0.weight"],
                                state["stem.0.weight"].sum(dim=1, keepdim=True))
+
+
+def test_old_checkpoint_config_without_query_norm_reproduces_its_logits():
+    old = _classifier(query_norm=False).eval()
+    config = {k: v for k, v in old.config.items() if k != "query_norm"}   # written before the option
+    state = old.state_dict()
+    assert not any("query_norm" in k for k in state)
+    clone = ImageClassifier.from_config(config)
+    clone.load_state_dict(state)                                        # strict: no new keys expected
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(clone.eval()(x), old(x))
+    assert _classifier().config["query_norm"] is True                    # new models: the original math

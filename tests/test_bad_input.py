@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from chx.data.manifest import read_manifest, write_manifest
-from tests.conftest import TINY, run_chx, shared_path
+from helpers import TINY, run_chx, shared_path
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def break_image(kind):
 
 
 IMAGE_CASES = [("not-an-image", "not"), ("truncated-png", "truncated"), ("missing", "missing"),
-               ("bomb", "pixels"), ("empty-file", "")]
+               ("bomb", "pixels"), ("empty-file", "is empty (0 bytes)")]
 
 
 @pytest.mark.parametrize("kind, expected", IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
@@ -159,11 +159,14 @@ def test_option_out_of_range(capsys, tmp_path, base, covid_backbone, args, expec
     elif cmd == "prepare":
         full = [cmd, "nih", shared_path("metadata", "nih_data_entry_2017_v2020.csv.gz"), *extra, "-o", out]
     else:
-        full = ["prepare", "padchest", base["root"], "-o", out]
-        expected = "padchest"
+        full = ["prepare", "no-such-dataset", base["root"], "-o", out]
+        expected = "no-such-dataset"
     code, _, err = run_chx(capsys, *full)
     assert_one_line(code, err, expected)
-    assert not out.exists() or not any(out.iterdir()) if out.is_dir() else not out.exists()
+    if out.is_dir():
+        assert not any(out.iterdir()), f"{out} holds {sorted(p.name for p in out.iterdir())}"
+    else:
+        assert not out.exists()
 
 
 def test_checkpoint_problems(capsys, tmp_path, base, covid_backbone, covid_manifest):

@@ -8,7 +8,7 @@ import polars as pl
 
 from chx.data.demo import CLASS_NAMES, FINDINGS, make_demo_data
 from chx.data.manifest import read_manifest, summarize
-from tests.conftest import run_chx
+from helpers import run_chx
 
 
 def digest(folder):

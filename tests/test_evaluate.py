@@ -10,9 +10,9 @@ from sklearn.metrics import average_precision_score
 
 from chx.data.study_dataset import StudyDataset
 from chx.models.fusion import FusionModel
-from chx.pipeline.checkpoint import load_checkpoint
-from chx.pipeline.train_fusion import predict_studies
-from tests.conftest import run_chx, shared_path
+from chx.models import load_checkpoint
+from chx.engine.inference import predict_studies
+from helpers import run_chx, shared_path
 
 
 def test_evaluate_fusion_writes_report_and_agrees_with_sklearn(capsys, tmp_path, covid_models):

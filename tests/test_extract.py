@@ -16,15 +16,15 @@ import torch
 from chx.data.images import load_image
 from chx.data.manifest import read_manifest, write_manifest
 from chx.data.transforms import Preprocess, eval_transform
-from chx.pipeline.pseudo_label import load_backbone
+from chx.engine.inference import load_backbone
 from chx.store import open_store
-from tests.conftest import ROOT, run_chx, shared_path
+from helpers import ROOT, run_chx, shared_path
 
 
 def extract(capsys, ckpt, manifest, store, *extra):
     return run_chx(capsys, "extract-features", "--checkpoint", ckpt, "--manifest", manifest,
                    "--images", shared_path("covid-cxr", "images"), "--store", store,
-                   "--workers", "0", "--batch-size", "8", *extra)
+                   "--workers", "0", "--batch-size", "8", "--shard-images", "8", *extra)
 
 
 def features_of(store_path) -> dict[str, np.ndarray]:
@@ -55,12 +55,12 @@ def test_extracted_maps_equal_the_backbone_output(capsys, tmp_path, covid_backbo
                                        rtol=2e-3, atol=2e-3)
 
 
-def test_kill_9_mid_extraction_then_rerun_equals_uninterrupted(capsys, tmp_path, covid_backbone, covid_manifest):
-    assert extract(capsys, covid_backbone, covid_manifest, tmp_path / "ref.zarr")[0] == 0
+def test_kill_9_mid_extraction_then_rerun_equals_uninterrupted(capsys, tmp_path, covid_backbone, covid_manifest,
+                                                              covid_reference_store):
     store = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "chx", "extract-features", "--checkpoint", str(covid_backbone),
            "--manifest", str(covid_manifest), "--images", str(shared_path("covid-cxr", "images")),
-           "--store", str(store), "--workers", "0", "--batch-size", "4"]
+           "--store", str(store), "--workers", "0", "--batch-size", "4", "--shard-images", "8"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     done = 0
@@ -78,19 +78,20 @@ def test_kill_9_mid_extraction_then_rerun_equals_uninterrupted(capsys, tmp_path,
     with open_store(store) as s:
         assert not s.complete and 0 < int(s.done.sum()) < s.n_images
     code, out, err = extract(capsys, covid_backbone, covid_manifest, store)
-    assert code == 0, err and "is complete" in out
-    ref, got = features_of(tmp_path / "ref.zarr"), features_of(store)
+    assert code == 0, err
+    assert "is complete" in out
+    ref, got = features_of(covid_reference_store), features_of(store)
     assert ref.keys() == got.keys()
     assert all(np.array_equal(ref[k], got[k]) for k in ref)
 
 
-def test_two_shard_processes_at_once_fill_one_store(capsys, tmp_path, covid_backbone, covid_manifest):
-    assert extract(capsys, covid_backbone, covid_manifest, tmp_path / "ref.zarr")[0] == 0
+def test_two_shard_processes_at_once_fill_one_store(capsys, tmp_path, covid_backbone, covid_manifest,
+                                                    covid_reference_store):
     store = tmp_path / "sharded.zarr"
     procs = [subprocess.Popen([sys.executable, "-m", "chx", "extract-features", "--checkpoint",
                                str(covid_backbone), "--manifest", str(covid_manifest), "--images",
                                str(shared_path("covid-cxr", "images")), "--store", str(store),
-                               "--workers", "0", "--shard", f"{i}/2"],
+                               "--workers", "0", "--shard", f"{i}/2", "--shard-images", "8"],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
              for i in range(2)]
@@ -99,7 +100,7 @@ def test_two_shard_processes_at_once_fill_one_store(capsys, tmp_path, covid_back
         assert p.returncode == 0, err[-2000:]
     with open_store(store) as s:
         assert s.complete
-    ref, got = features_of(tmp_path / "ref.zarr"), features_of(store)
+    ref, got = features_of(covid_reference_store), features_of(store)
     assert all(np.array_equal(ref[k], got[k]) for k in ref)
 
 
@@ -131,4 +132,23 @@ def test_store_info_prints_the_figures(capsys, tmp_path, covid_backbone, covid_m
     code, out, err = run_chx(capsys, "store", "info", store)
     assert code == 0, err
     assert "images             391" in out and "complete           True" in out
+    assert "sharded: 8 images per shard object" in out and "size on disk (du)" in out
     assert "compression ratio" in out and "checkpoint_sha256=" in out
+
+
+def test_repair_re_extracts_only_damaged_shards(capsys, tmp_path, covid_backbone, covid_manifest,
+                                                covid_reference_store):
+    store = tmp_path / "f.zarr"
+    assert extract(capsys, covid_backbone, covid_manifest, store)[0] == 0
+    victim = store / "features" / "c.3.0.0.0"                         # shard 3's object
+    victim.write_bytes(victim.read_bytes()[:100])                     # a truncated shard object
+    code, out, err = run_chx(capsys, "store", "verify", store)
+    assert code == 2 and "1 damaged shard(s)" in out, out + err
+    code, out, err = run_chx(capsys, "train-fusion", "--store", store, "-o", tmp_path / "f")
+    assert code == 2 and "--repair" in err and "Traceback" not in err
+    code, out, err = extract(capsys, covid_backbone, covid_manifest, store, "--repair")
+    assert code == 0, err
+    assert "repair: 1 damaged shard(s)" in out and "wrote 8 images" in out
+    assert run_chx(capsys, "store", "verify", store)[0] == 0
+    ref, got = features_of(covid_reference_store), features_of(store)
+    assert all(np.array_equal(ref[k], got[k]) for k in ref)

@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
-from chx.pipeline.checkpoint import load_checkpoint
+from chx.models import load_checkpoint
 from chx.store import open_store
-from tests.conftest import ROOT, TINY, run_chx, shared_path
+from helpers import ROOT, TINY, run_chx, shared_path
 
 
 def wait_for(predicate, timeout=120):
@@ -50,11 +50,11 @@ def test_kill_9_during_training_keeps_checkpoints_and_resumes(capsys, tmp_path, 
     assert load_checkpoint(out / "last.pt")["step"] == 40
 
 
-def test_shard_worker_killed_mid_shard_then_rerun_of_that_shard(capsys, tmp_path, covid_backbone, covid_manifest):
+def test_shard_worker_killed_mid_shard_then_rerun_of_that_shard(capsys, tmp_path, covid_backbone, covid_manifest,
+                                                                 covid_reference_store):
     images = shared_path("covid-cxr", "images")
     common = ["--checkpoint", covid_backbone, "--manifest", covid_manifest, "--images", images,
-              "--workers", "0", "--batch-size", "4"]
-    assert run_chx(capsys, "extract-features", *common, "--store", tmp_path / "ref.zarr")[0] == 0
+              "--workers", "0", "--batch-size", "4", "--shard-images", "8"]
     store = tmp_path / "s.zarr"
     proc = subprocess.Popen([sys.executable, "-m", "chx", "extract-features", *map(str, common),
                              "--store", str(store), "--shard", "0/2"], cwd=ROOT,
@@ -71,11 +71,11 @@ def test_shard_worker_killed_mid_shard_then_rerun_of_that_shard(capsys, tmp_path
     assert "still to do" in out                       # shard 0 is unfinished: not complete
     with open_store(store) as s:
         assert not s.complete
-        rows = np.arange(s.n_images)
-        assert s.done[rows % 2 == 1].all() and not s.done[rows % 2 == 0].all()
+        owner = s.shard_of_row(np.arange(s.n_images)) % 2        # writer i owns shards s % 2 == i
+        assert s.done[owner == 1].all() and not s.done[owner == 0].all()
     code, out, err = run_chx(capsys, "extract-features", *common, "--store", store, "--shard", "0/2")
     assert code == 0 and "is complete" in out, err
-    with open_store(tmp_path / "ref.zarr") as ref, open_store(store) as got:
+    with open_store(covid_reference_store) as ref, open_store(store) as got:
         assert got.complete
         by_id = dict(zip(got.image_ids, range(got.n_images)))
         for r, image_id in enumerate(ref.image_ids):
@@ -89,7 +89,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(capsys, tmp
     assert run_chx(capsys, *args, "--max-steps", "2", "-o", out)[0] == 0
     before = load_checkpoint(out / "last.pt")
 
-    import chx.pipeline.checkpoint as ck
+    import chx.models.checkpoint as ck
 
     def full_disk(obj, f):
         f.write(b"partial bytes")
@@ -106,21 +106,21 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(capsys, tmp
     assert load_checkpoint(out / "last.pt")["step"] == 4
 
 
-def test_disk_full_while_extracting_then_rerun_completes(capsys, tmp_path, covid_backbone, covid_manifest, monkeypatch):
+def test_disk_full_while_extracting_then_rerun_completes(capsys, tmp_path, covid_backbone, covid_manifest,
+                                                         covid_reference_store, monkeypatch):
     images = shared_path("covid-cxr", "images")
     common = ["--checkpoint", covid_backbone, "--manifest", covid_manifest, "--images", images,
-              "--workers", "0", "--batch-size", "8"]
-    assert run_chx(capsys, "extract-features", *common, "--store", tmp_path / "ref.zarr")[0] == 0
+              "--workers", "0", "--batch-size", "8", "--shard-images", "8"]
 
     from chx.store._base import FeatureStore
-    real_write, calls = FeatureStore.write, []
+    real_write, calls = FeatureStore.write_shard, []
 
     def write_until_full(self, *a, **kw):
         calls.append(1)
         if len(calls) > 5:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, *a, **kw)
-    monkeypatch.setattr(FeatureStore, "write", write_until_full)
+    monkeypatch.setattr(FeatureStore, "write_shard", write_until_full)
     store = tmp_path / "s.zarr"
     code, _, err = run_chx(capsys, "extract-features", *common, "--store", store)
     assert code == 2 and "No space left on device" in err and "rerun" in err
@@ -130,5 +130,5 @@ def test_disk_full_while_extracting_then_rerun_completes(capsys, tmp_path, covid
         assert not s.complete and int(s.done.sum()) == 40
     code, out, err = run_chx(capsys, "extract-features", *common, "--store", store)
     assert code == 0 and "wrote 351 images" in out, err
-    with open_store(tmp_path / "ref.zarr") as ref, open_store(store) as got:
+    with open_store(covid_reference_store) as ref, open_store(store) as got:
         assert all(np.array_equal(ref.read_image(r), got.read_image(r)) for r in range(ref.n_images))

@@ -74,3 +74,15 @@ def test_trainable_parameter_count_at_paper_scale():
     m = FusionModel(in_dim=768, num_classes=26)
     n = sum(p.numel() for p in m.parameters() if p.requires_grad)
     assert 20e6 < n < 25e6, n  # METHOD.md: ~22.5 M trainable at C = D = 768
+
+
+def test_old_checkpoint_config_without_query_norm_reproduces_its_logits():
+    old = model(query_norm=False, view_embedding=True)
+    config = {k: v for k, v in old.config.items() if k != "query_norm"}   # written before the option
+    clone = FusionModel.from_config(config).eval()
+    clone.load_state_dict(old.state_dict())                             # strict: no new keys expected
+    feats, mask = studies(), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    types = torch.tensor([[0, 1, 2, 2], [0, 0, 1, 2], [1, 2, 2, 2]])
+    with torch.no_grad():
+        assert torch.equal(clone(feats, mask, types), old(feats, mask, types))
+    assert model().config["query_norm"] is True and model().head.query_norm is not None

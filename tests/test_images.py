@@ -13,7 +13,7 @@ from PIL import Image, ImageFile
 
 from chx.data.images import is_dicom, load_image, read_image, resize_image
 from chx.errors import ImageReadError
-from tests.conftest import shared_path
+from helpers import shared_path
 
 DICOM_M2 = ("dicom", "siim_pneumothorax_sample.dcm")
 DICOM_M1 = ("dicom", "monochrome1_sample.dcm")

@@ -123,3 +123,16 @@ def test_evaluate_scores_extends_summarize_and_ignores_nan_labels():
     r3 = evaluate_scores(scores, labels, names)
     assert r3["groups"] == {"head": [], "medium": [], "tail": []} and np.isnan(r3["mAP_head"])
     assert r3["per_class"]["a"]["threshold"] == 0.5 and r3["per_class"]["a"]["train_count"] is None
+
+
+def test_absent_classes_zero_counts_a_class_without_positives_as_ap_0():
+    """The reference's torchmetrics mAP counts a class without positives as AP 0; chx leaves it out
+    by default and offers "zero" for comparison."""
+    from chx.metrics import summarize
+
+    labels = np.array([[1, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 1]], dtype=np.float64)   # class b: no positive
+    scores = np.array([[0.9, 0.1, 0.2], [0.2, 0.3, 0.8], [0.7, 0.2, 0.1], [0.1, 0.4, 0.9]])
+    skip = summarize(scores, labels, ["a", "b", "c"])
+    zero = summarize(scores, labels, ["a", "b", "c"], absent="zero")
+    assert skip["mAP"] == 1.0 and skip["skipped"] == ["b"]
+    assert zero["mAP"] == 2 / 3

@@ -80,3 +80,71 @@ def test_map_input_gets_positional_encoding():
         # without pos-enc, attention is permutation-invariant over positions; with it, not
         torch.testing.assert_close(no_pe(x_perm), no_pe(x), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(m(x_perm), m(x), atol=1e-4)
+
+
+def _randomize(m: MLDecoder, seed: int = 3) -> MLDecoder:
+    """Non-trivial LayerNorm affines and biases, so a swapped or skipped norm cannot go unseen."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def _original_forward(m: MLDecoder, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """The ML-Decoder head as its authors publish it (Ridnik et al.), in eval mode, transcribed in
+    plain torch with the original's sequence-first layout, no positional encoding and a per-class
+    loop for the group FC; the weights are ``m``'s, by role."""
+    F = torch.nn.functional
+    tokens = x.flatten(2).transpose(1, 2) if x.dim() == 4 else x                     # [B, N, C]
+    memory = F.relu(F.linear(tokens, m.embed.weight, m.embed.bias)).transpose(0, 1)  # [N, B, D]
+    b, d = memory.shape[1], m.dim
+    tgt = m.queries.unsqueeze(1).expand(-1, b, -1)                                   # [K, B, D]
+    tgt = tgt + tgt                                      # tgt + dropout1(tgt), dropout off in eval
+    tgt = F.layer_norm(tgt, (d,), m.query_norm.weight, m.query_norm.bias)           # norm1
+    attn = m.cross_attn
+    tgt2 = F.multi_head_attention_forward(
+        tgt, memory, memory, d, heads, attn.in_proj_weight, attn.in_proj_bias, None, None, False,
+        0.0, attn.out_proj.weight, attn.out_proj.bias, training=False, need_weights=False)[0]
+    tgt = F.layer_norm(tgt + tgt2, (d,), m.norm1.weight, m.norm1.bias)              # norm2
+    lin1, lin2 = m.ffn[0], m.ffn[3]
+    tgt2 = F.linear(F.relu(F.linear(tgt, lin1.weight, lin1.bias)), lin2.weight, lin2.bias)
+    tgt = F.layer_norm(tgt + tgt2, (d,), m.norm2.weight, m.norm2.bias)              # norm3
+    h = tgt.transpose(0, 1)                                                          # [B, K, D]
+    out = torch.zeros(b, m.num_classes)
+    for i in range(m.num_classes):                                                   # group FC
+        out[:, i] = h[:, i] @ m.group_weight[i]
+    return out + m.group_bias
+
+
+def test_matches_the_original_decoder_layer_on_map_and_token_input():
+    m = _randomize(_decoder(pos_enc=False)).eval()      # the original head has no positional encoding
+    fmap, tokens = torch.randn(3, 12, 4, 5), torch.randn(3, 7, 12)
+    with torch.no_grad():
+        for x in (fmap, tokens):
+            assert (m(x) - _original_forward(m, x, heads=4)).abs().max() < 1e-5
+
+
+def test_query_norm_adds_two_d_parameters_and_old_configs_skip_it():
+    new, old = _decoder(), _decoder(query_norm=False)
+    extra = sum(p.numel() for p in new.parameters()) - sum(p.numel() for p in old.parameters())
+    assert extra == 2 * 16
+    assert old.query_norm is None and not any(k.startswith("query_") for k in old.state_dict())
+
+
+def test_query_dropout_draws_a_mask_per_sample_in_training():
+    m = _decoder(dropout=0.5).train()
+    seen = []
+    hook = m.query_norm.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]) and None)
+    torch.manual_seed(0)
+    m(torch.randn(4, 7, 12))
+    hook.remove()
+    ratio = seen[0] / m.queries                      # q + dropout(q): 1 where dropped, 1 + 1/(1-p) kept
+    kept = torch.isclose(ratio, torch.tensor(3.0))
+    assert (torch.isclose(ratio, torch.tensor(1.0)) | kept).all()
+    assert 0 < kept.float().mean() < 1
+    assert not torch.equal(kept[0], kept[1])             # each sample its own mask
+    with torch.no_grad():
+        m.eval()
+        x = torch.randn(2, 7, 12)
+        assert torch.equal(m(x), m(x))

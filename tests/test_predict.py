@@ -11,9 +11,9 @@ import polars as pl
 from chx.data.manifest import read_manifest, write_manifest
 from chx.data.study_dataset import StudyDataset
 from chx.models.fusion import FusionModel
-from chx.pipeline.checkpoint import load_checkpoint, save_checkpoint
-from chx.pipeline.train_fusion import predict_studies
-from tests.conftest import run_chx, shared_path
+from chx.models import load_checkpoint, save_checkpoint
+from chx.engine.inference import predict_studies
+from helpers import run_chx, shared_path
 
 
 def test_predict_equals_the_store_path_and_writes_a_submission(capsys, tmp_path, covid_models, covid_backbone,

@@ -8,11 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
-from chx.data.study_dataset import StudyDataset, collate_studies, deterministic_view_order
+from chx.data.study_dataset import StudyDataset, collate_studies
+from chx.data.views import deterministic_view_order
 from chx.models.fusion import FusionModel
-from chx.pipeline.checkpoint import load_checkpoint
-from chx.pipeline.train_fusion import predict_studies
-from tests.conftest import run_chx, shared_path
+from chx.models import load_checkpoint
+from chx.engine.inference import predict_studies
+from helpers import run_chx, shared_path
 
 FAST = ["--dim", "32", "--heads", "4", "--ffn-dim", "64", "--workers", "0", "--batch-size", "8",
         "--device", "cpu"]
@@ -106,8 +107,8 @@ def _make_partial(tmp_path):
 
     s = create_store(tmp_path / "p.zarr", image_ids=["a", "b"], study_ids=["s", "s"], views=["PA", "LATERAL"],
                      splits=["train", "train"], labels=np.zeros((2, 1), np.float32), class_names=["x"],
-                     feature_shape=(4, 2, 2), fingerprint={"m": 1})
-    s.write(np.array([0]), np.zeros((1, 4, 2, 2), np.float16))
+                     feature_shape=(4, 2, 2), fingerprint={"m": 1}, shard_images=1)
+    s.write_shard(0, np.zeros((1, 4, 2, 2), np.float16))      # image a done, image b not
     return tmp_path / "p.zarr"
 
 
@@ -117,7 +118,7 @@ def test_sigint_during_fusion_saves_last_and_resume_matches(capsys, tmp_path, co
     import sys
     import time
 
-    from tests.conftest import ROOT
+    from helpers import ROOT
 
     args = ["train-fusion", "--store", str(covid_store), *FAST, "--epochs", "10", "--log-every", "1"]
     assert run_chx(capsys, *args, "-o", tmp_path / "full")[0] == 0

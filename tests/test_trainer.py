@@ -12,8 +12,8 @@ from torch.utils.data import Dataset
 
 from chx.data.samplers import ShuffleSampler
 from chx.errors import ChxError
-from chx.pipeline.checkpoint import load_checkpoint
-from chx.pipeline.trainer import TrainConfig, fit, lr_lambda
+from chx.models import load_checkpoint
+from chx.engine.trainer import TrainConfig, fit, lr_lambda
 
 
 class Toy(Dataset):

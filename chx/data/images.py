@@ -52,6 +52,18 @@ def is_dicom(path: str | Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def dicom_tags(path: str | Path, *names: str) -> dict[str, str] | None:
+    """Header values of a DICOM file as stripped strings ('' when absent), read without its pixels;
+    None when the header cannot be read. The one reader of DICOM headers (views, modality)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(names))
+    except Exception:   # noqa: BLE001 - any unreadable header is reported by the caller
+        return None
+    return {n: str(ds.get(n, "") or "").strip() for n in names}
+
+
 def read_image(path: str | Path, *, draft_size: int | None = None) -> np.ndarray:
     """Decode an image file into a float32 array [H, W] in [0, 1] (grayscale; see the module doc).
 
@@ -65,6 +77,9 @@ def read_image(path: str | Path, *, draft_size: int | None = None) -> np.ndarray
     if not path.is_file():
         raise ImageReadError(f"{path}: is not a file (a directory?); the manifest path must name an "
                              f"image file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: the file is empty (0 bytes); re-copy or re-download it, or "
+                             f"remove its row from the manifest")
     if is_dicom(path):
         arr = _read_dicom(path)
     else:

@@ -24,15 +24,14 @@ from pathlib import Path
 import polars as pl
 
 from chx.atomic import atomic_path
+from chx.data.views import VIEWS
 from chx.errors import ChxError, ManifestError
 
 ID_COLUMNS: tuple[str, ...] = ("image_id", "study_id", "subject_id", "view", "path", "split")
-VIEWS: tuple[str, ...] = ("PA", "AP", "LATERAL", "LL", "OTHER")
-FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP")
-LATERAL_VIEWS: tuple[str, ...] = ("LATERAL", "LL")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 LABEL_DTYPE = pl.Float32
 MAX_IMAGES_PER_STUDY = 100   # more is a study_id mistake, not an exam
+MISSING_WORDS = ("nan", "none", "null", "na", "n/a")   # how libraries write a missing value
 
 
 def class_columns(df: pl.DataFrame) -> list[str]:
@@ -86,11 +85,14 @@ def validate(df: pl.DataFrame, source: str | None = None, *, soft: bool = False,
     df = df.with_columns([pl.col(c).cast(pl.Utf8) for c in ID_COLUMNS])
 
     for col in ("image_id", "study_id", "subject_id", "path"):
-        bad = df[col].is_null() | (df[col].str.strip_chars() == "")
+        # "NaN"/"None"/"null" are a missing value written out by a dataframe library, not an id:
+        # as an id they would merge every such image into one study (or patient)
+        bad = (df[col].is_null() | (df[col].str.strip_chars() == "")
+               | df[col].str.strip_chars().str.to_lowercase().is_in(list(MISSING_WORDS)))
         if bad.any():
             row, image_id = _first_bad_row(df, bad)
-            raise ManifestError(f"{where}row {row} (image_id {image_id}), column {col}: empty value; "
-                                f"every image needs a {col}")
+            raise ManifestError(f"{where}row {row} (image_id {image_id}), column {col}: empty value "
+                                f"({df[col][row - 1]!r}); every image needs a {col}")
 
     dup = ~df["image_id"].is_first_distinct()
     if dup.any():
@@ -134,7 +136,8 @@ def validate(df: pl.DataFrame, source: str | None = None, *, soft: bool = False,
             allowed = "a probability in [0, 1]"
         else:
             bad = values.is_not_null() & ~values.is_in([0.0, 1.0])
-            allowed = "1, 0 or empty"
+            allowed = ("1, 0 or empty (soft labels in (0, 1) are pseudo labels: only train-backbone and "
+                       "extract-features take them, from `chx pseudo-label`)")
         if bad.any():
             row, image_id = _first_bad_row(df, bad)
             raise ManifestError(f"{where}row {row} (image_id {image_id}), column {c!r}: label "
@@ -184,8 +187,9 @@ def validate(df: pl.DataFrame, source: str | None = None, *, soft: bool = False,
     return df
 
 
-def read_manifest(path: str | os.PathLike, *, soft: bool = True, require_labels: bool = True) -> pl.DataFrame:
-    """Read and validate a manifest (Parquet, or CSV by suffix)."""
+def read_manifest(path: str | os.PathLike, *, soft: bool = False, require_labels: bool = True) -> pl.DataFrame:
+    """Read and validate a manifest (Parquet, or CSV by suffix). Labels must be 1, 0 or empty unless
+    ``soft`` (pseudo labels in [0, 1]: what train-backbone and extract-features accept)."""
     path = Path(path)
     if not path.is_file():
         raise ChxError(f"manifest {path} does not exist; make one with `chx prepare`")
@@ -198,8 +202,28 @@ def read_manifest(path: str | os.PathLike, *, soft: bool = True, require_labels:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ManifestError(f"{path}: cannot be read as a {'CSV' if path.suffix.lower() == '.csv' else 'Parquet'} "
                             f"table ({first})") from None
+    if df.width == 1 and any(sep in df.columns[0] for sep in (";", "\t", "|")):
+        sep = next(sep for sep in (";", "\t", "|") if sep in df.columns[0])
+        raise ManifestError(f"{path}: the header is one column {df.columns[0][:60]!r}: the file looks "
+                            f"{'tab' if sep == chr(9) else repr(sep)}-separated; chx reads comma-separated CSV "
+                            f"(or Parquet): convert it, e.g. with polars.read_csv(path, separator={sep!r})")
     return validate(df, source=str(path), soft=soft, require_labels=require_labels)
 
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (manifests are recorded by it in checkpoints and stores)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def soft_label_count(df: pl.DataFrame) -> int:
+    """How many labels lie strictly between 0 and 1 (pseudo labels)."""
+    return int(sum(((df[c] > 0) & (df[c] < 1)).sum() for c in class_columns(df)))
 
 def write_manifest(df: pl.DataFrame, path: str | os.PathLike) -> Path:
     """Write a manifest atomically: Parquet unless the name ends in .csv."""

@@ -8,7 +8,6 @@ already resized (letterbox or squash) to ``Preprocess.size``. The models take ON
 - :func:`train_transform`: the augmentations of METHOD.md stage 1 (torchvision.transforms.v2 plus a
   fast smooth elastic warp), then clamp to [0, 1] and normalise. All randomness comes from torch's
   global RNG, so ``torch.manual_seed`` makes it reproducible.
-- :func:`hflip`: horizontal flip of a batch, for test-time augmentation.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from torchvision.transforms import v2
 from chx.data.images import RESIZE_MODES
 from chx.errors import ChxError
 
-__all__ = ["Preprocess", "train_transform", "eval_transform", "hflip", "Normalize", "Clamp",
+__all__ = ["Preprocess", "train_transform", "eval_transform", "Normalize", "Clamp",
            "RandomElastic"]
 
 
@@ -77,13 +76,9 @@ class Preprocess:
                            "checkpoint")
         return cls(**d)
 
-    def normalize(self, x):
-        """``(x - mean) / std`` for a tensor or array of any shape."""
-        return (x - self.mean) / self.std
-
 
 class Normalize(nn.Module):
-    """``Preprocess.normalize`` as a picklable module (DataLoader workers)."""
+    """``(x - mean) / std`` with the checkpoint's mean/std, as a picklable module (DataLoader workers)."""
 
     def __init__(self, mean: float, std: float):
         super().__init__()
@@ -168,8 +163,3 @@ def train_transform(pre: Preprocess) -> v2.Compose:
 def eval_transform(pre: Preprocess) -> Normalize:
     """Evaluation/inference: normalise only (``load_image`` already resized)."""
     return Normalize(pre.mean, pre.std)
-
-
-def hflip(x: torch.Tensor) -> torch.Tensor:
-    """Horizontal flip of the last (width) axis: [B, 1, H, W] batches for TTA (any [..., W])."""
-    return torch.flip(x, dims=(-1,))

@@ -17,8 +17,8 @@ from torch import nn
 
 from chx.errors import ChxError
 from chx.models.ml_decoder import MLDecoder
+from chx.options import DEFAULT_BACKBONE
 
-DEFAULT_BACKBONE = "convnext_small.fb_in22k_ft_in1k"
 _TRUE = {"1", "on", "yes", "true"}
 
 
@@ -144,14 +144,16 @@ class ImageClassifier(nn.Module):
     ``config`` holds the architecture only (no ``pretrained`` / ``weights``: those initialise, the
     state dict replaces them), so a checkpoint ``{config, state_dict}`` rebuilds with
     ``ImageClassifier.from_config(config).load_state_dict(state_dict)`` without key surgery.
+    ``query_norm`` is the ML-Decoder head's (see :class:`~chx.models.ml_decoder.MLDecoder`).
     """
 
     def __init__(self, backbone_name: str, num_classes: int, pretrained: bool = False,
                  weights: str | Path | None = None, in_chans: int = 1, decoder_dim: int = 768,
-                 heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1):
+                 heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1, query_norm: bool = True):
         super().__init__()
         self.config = dict(backbone_name=backbone_name, num_classes=num_classes, in_chans=in_chans,
-                           decoder_dim=decoder_dim, heads=heads, ffn_dim=ffn_dim, dropout=dropout)
+                           decoder_dim=decoder_dim, heads=heads, ffn_dim=ffn_dim, dropout=dropout,
+                           query_norm=query_norm)
         self.backbone = create_backbone(backbone_name, pretrained=pretrained, weights=weights,
                                         in_chans=in_chans)
         # timm's own head (e.g. ConvNeXt's head.norm) is not used by forward_features: freeze it,
@@ -162,7 +164,7 @@ class ImageClassifier(nn.Module):
         self.feature_dim: int = int(self.backbone.num_features)
         self.feature_stride: int = self._stride()
         self.head = MLDecoder(self.feature_dim, num_classes, dim=decoder_dim, heads=heads,
-                              ffn_dim=ffn_dim, dropout=dropout, pos_enc=True)
+                              ffn_dim=ffn_dim, dropout=dropout, pos_enc=True, query_norm=query_norm)
 
     def _stride(self) -> int:
         info = getattr(self.backbone, "feature_info", None)
@@ -180,8 +182,9 @@ class ImageClassifier(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> "ImageClassifier":
-        """Rebuild the architecture (random weights, no download) from ``config``."""
-        return cls(**{**config, "pretrained": False, "weights": None})
+        """Rebuild the architecture (random weights, no download) from ``config``. A config without
+        ``query_norm`` was written before the option existed: its head had no query norm."""
+        return cls(**{"query_norm": False, **config, "pretrained": False, "weights": None})
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)

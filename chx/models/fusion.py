@@ -13,11 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from chx.data.views import N_VIEW_TYPES
 from chx.models.layers import sincos_2d
 from chx.models.ml_decoder import MLDecoder
-
-VIEW_TYPES = {"PA": 0, "AP": 0, "LATERAL": 1, "LL": 1, "OTHER": 2}
-N_VIEW_TYPES = 3
 
 
 class FusionModel(nn.Module):
@@ -25,18 +23,22 @@ class FusionModel(nn.Module):
 
     - ``features`` [B, V, C, H, W]: the views of each study (padding slots: anything, e.g. zeros);
     - ``view_mask`` [B, V] bool: True where a slot holds a real view;
-    - ``view_types`` [B, V] long in {0 frontal, 1 lateral, 2 other} (used with ``view_embedding``).
+    - ``view_types`` [B, V] long, :func:`chx.data.views.view_type` of each slot's view (0 frontal,
+      1 lateral, 2 other; used with ``view_embedding``).
+
+    ``query_norm`` is the ML-Decoder head's (see :class:`~chx.models.ml_decoder.MLDecoder`).
     """
 
     def __init__(self, in_dim: int, num_classes: int, dim: int | None = None, max_views: int = 4,
                  layers: int = 2, heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1,
-                 pos_enc: bool = True, segment_embedding: bool = True, view_embedding: bool = False):
+                 pos_enc: bool = True, segment_embedding: bool = True, view_embedding: bool = False,
+                 query_norm: bool = True):
         super().__init__()
         dim = dim or in_dim
         self.config = dict(in_dim=in_dim, num_classes=num_classes, dim=dim, max_views=max_views,
                            layers=layers, heads=heads, ffn_dim=ffn_dim, dropout=dropout,
                            pos_enc=pos_enc, segment_embedding=segment_embedding,
-                           view_embedding=view_embedding)
+                           view_embedding=view_embedding, query_norm=query_norm)
         self.max_views = max_views
         self.pos_enc = pos_enc
         self.proj = nn.Conv2d(in_dim, dim, kernel_size=3, stride=2, padding=1)
@@ -48,11 +50,13 @@ class FusionModel(nn.Module):
         else:
             self.encoder = None
         self.head = MLDecoder(dim, num_classes, dim=dim, heads=heads, ffn_dim=ffn_dim,
-                              dropout=dropout, pos_enc=False)
+                              dropout=dropout, pos_enc=False, query_norm=query_norm)
 
     @classmethod
     def from_config(cls, config: dict) -> "FusionModel":
-        return cls(**config)
+        """Rebuild the architecture from ``config``. A config without ``query_norm`` was written
+        before the option existed: its model had no query norm."""
+        return cls(**{"query_norm": False, **config})
 
     def forward(self, features: torch.Tensor, view_mask: torch.Tensor,
                 view_types: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from chx.data.manifest import FRONTAL_VIEWS, LATERAL_VIEWS
+from chx.data.views import FRONTAL_VIEWS, LATERAL_VIEWS
 
 REFERENCE_VIEW_WEIGHTS = {"frontal": 7.0, "lateral": 3.0, "other": 5.0}
 METHODS = ("mean", "max", "weighted", "frontal", "lateral")

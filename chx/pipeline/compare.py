@@ -18,13 +18,12 @@ import polars as pl
 from chx.data.datasets import ImageDataset
 from chx.data.manifest import class_columns, read_manifest
 from chx.data.transforms import Preprocess
+from chx.engine.compat import check_fusion_store, require_same_classes
+from chx.engine.inference import load_backbone, predict_images, store_study_probs
 from chx.errors import ChxError
 from chx.metrics import summarize
+from chx.models import load_checkpoint, load_model
 from chx.pipeline.aggregate import METHODS, aggregate_by_study
-from chx.pipeline.checkpoint import load_checkpoint
-from chx.pipeline.evaluate import fusion_scores
-from chx.pipeline.inference import predict_probs
-from chx.pipeline.pseudo_label import load_backbone
 from chx.pipeline.report import fmt
 
 
@@ -38,16 +37,18 @@ def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, 
     if df.height == 0:
         raise ChxError(f"{manifest} has no images in split {split!r}")
     classes = class_columns(df)
-    if classes != list(bckpt["class_names"]) or classes != list(fckpt["class_names"]):
-        raise ChxError("the manifest, backbone and fusion checkpoints must share one class list")
+    require_same_classes(classes, bckpt["class_names"], str(manifest), str(backbone))
+    require_same_classes(fckpt["class_names"], bckpt["class_names"], str(fusion), str(backbone))
+    check_fusion_store(fckpt, fusion, store)
     train_counts = np.asarray(fckpt.get("train_counts") or bckpt["train_counts"])
+    prevalence = np.asarray(fckpt.get("class_prior") or bckpt["class_prior"])
 
     pre = Preprocess.from_dict(bckpt["preprocess"])
     images_set = ImageDataset(df, images, pre, train=False, classes=classes)
-    probs = predict_probs(model, images_set, batch_size=batch_size, workers=workers,
+    probs = predict_images(model, images_set, batch_size=batch_size, workers=workers,
                           tta=bool(bckpt.get("tta", True)), desc=f"stage 1 on {split}")
 
-    fprobs, studies = fusion_scores(fckpt, store, split, batch_size=batch_size)
+    fprobs, studies = store_study_probs(load_model(fckpt, kind="fusion"), store, split, batch_size=batch_size)
     if fprobs is None:
         raise ChxError(f"store {store} has no study in split {split!r}")
     fusion_by_id = dict(zip(studies.study_ids, range(len(studies))))
@@ -61,8 +62,8 @@ def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, 
             continue
         ids = [i for i, _ in ids_scores]
         labels = np.stack([labels_by_id[i] for i in ids])
-        stage1 = summarize(np.stack([s for _, s in ids_scores]), labels, classes, train_counts, groups)
-        fused = summarize(fprobs[[fusion_by_id[i] for i in ids]], labels, classes, train_counts, groups)
+        stage1 = summarize(np.stack([s for _, s in ids_scores]), labels, classes, train_counts, groups, prevalence)
+        fused = summarize(fprobs[[fusion_by_id[i] for i in ids]], labels, classes, train_counts, groups, prevalence)
         results[f"stage-1 {method}"] = {**stage1, "n_studies": len(ids)}
         fused_results[f"fusion (on {method} studies)" if method in ("frontal", "lateral") else "fusion"] = \
             {**fused, "n_studies": len(ids)}

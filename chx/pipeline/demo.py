@@ -8,32 +8,17 @@ aggregated per study (mean, max, view-weighted, frontal-only, lateral-only) agai
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from chx.data.manifest import read_manifest
+from chx.options import BackboneOptions, DemoConfig, FusionOptions, TrainConfig
 from chx.pipeline.compare import compare_methods, format_table
 from chx.pipeline.extract import extract_features
 from chx.pipeline.report import fmt
-from chx.pipeline.train_backbone import BackboneOptions, train_backbone
-from chx.pipeline.train_fusion import FusionOptions, train_fusion
-from chx.pipeline.trainer import TrainConfig
-
-
-@dataclass
-class DemoConfig:
-    studies: int = 1000
-    size: int = 128
-    model: str = "convnext_atto"
-    backbone_epochs: float = 4
-    backbone_lr: float = 1e-3
-    fusion_epochs: float = 30
-    fusion_lr: float = 3e-4
-    batch_size: int = 16
-    workers: int = 2
-    seed: int = 0
+from chx.pipeline.train_backbone import train_backbone
+from chx.pipeline.train_fusion import train_fusion
 
 
 def run_demo(out: Path, cfg: DemoConfig, manifest: Path | None = None, images: Path | None = None,

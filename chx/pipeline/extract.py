@@ -1,16 +1,19 @@
 """Stage 2a: `chx extract-features`, the frozen stage-1 backbone's feature maps -> feature store.
 
-Resumable (only images not yet ``done`` are computed) and parallel: ``shard=(i, n)`` or torchrun
-ranks fill disjoint images of one Zarr store. Images are decoded in DataLoader workers while the
-model runs, and store writes happen in a background thread, so decoding and writing hide behind
-the forward pass. The store is marked complete only when every image is done.
+The store is written in whole shards (many consecutive images of a few studies, one object per
+array; :mod:`chx.store`): a writer buffers a shard's maps in memory and writes it once, then marks
+it done. Resumable (a rerun computes only the shards not done: at most the ones in flight when a
+run stopped) and parallel: ``--shard i/n`` or torchrun ranks own disjoint shards of one Zarr store.
+Images are decoded in DataLoader workers while the model runs, and store writes happen in a
+background thread, so decoding and writing hide behind the forward pass. The store is marked
+complete only when every shard is done. ``--repair`` re-extracts the shards that
+``chx store verify`` finds damaged (missing objects, checksum mismatches).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,17 +23,19 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from chx.data.datasets import ImageDataset, label_matrix
-from chx.data.manifest import class_columns, read_manifest
+from chx.data.manifest import class_columns, file_sha256, read_manifest
 from chx.data.transforms import Preprocess
+from chx.engine.compat import require_same_classes
+from chx.engine.distributed import resolve_device
+from chx.engine.inference import feature_maps, load_backbone
 from chx.errors import ChxError
-from chx.pipeline.inference import eval_weights, resolve_device
-from chx.pipeline.pseudo_label import load_backbone
-from chx.store import create_store, is_hdf5_path, local_path, open_store, projected_size
+from chx.models import eval_weights, weights_hash
+from chx.options import ExtractOptions
+from chx.store import ShardBuffer, backend_class, create_store, local_path, open_store, projected_size
 
 
 @dataclass
@@ -40,17 +45,6 @@ class ExtractResult:
     remaining: int
     complete: bool
     images_per_s: float
-
-
-def weights_hash(state_dict: dict) -> str:
-    """sha256 of the weights (names, shapes, bytes), independent of optimizer state or file."""
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        t = state_dict[k].detach().cpu().contiguous()
-        h.update(k.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -82,90 +76,106 @@ def _creation_lock(store: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path: str, *, pool: int = 1,
-                     flip: bool = False, batch_size: int = 16, workers: int = 2, device: str = "auto",
-                     shard: str | None = None, overwrite: bool = False, compress: bool = False,
-                     echo=print) -> ExtractResult:
-    shard_i, shard_n = parse_shard(shard)
-    if pool < 1:
-        raise ChxError(f"--pool {pool}: must be >= 1 (1 = no pooling)")
-    if is_hdf5_path(store_path) and shard_n > 1:
+def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path: str, *, echo=print,
+                     **options) -> ExtractResult:
+    """Fill ``store_path`` with the feature maps of the manifest's images; ``options`` are the
+    fields of :class:`chx.options.ExtractOptions` (pool, flip, batch_size, workers, device, shard,
+    compress, overwrite)."""
+    opts = ExtractOptions(**options)
+    opts.validate()
+    pool, flip, batch_size, workers = opts.pool, opts.flip, opts.batch_size, opts.workers
+    device, overwrite, compress = opts.device, opts.overwrite, opts.compress
+    shard_i, shard_n = parse_shard(opts.shard)
+    if opts.repair and shard_n > 1:
+        raise ChxError("--repair runs in one process (it verifies the whole store first); run it without "
+                       "--shard/torchrun")
+    if shard_n > 1 and not backend_class(store_path).supports_parallel_writers:
         raise ChxError(f"HDF5 stores take one writer: --shard/torchrun cannot write {store_path}; "
                        f"use a Zarr store (a folder path, e.g. features.zarr) for parallel extraction")
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))   # torchrun: one GPU per rank
-
+    dev = resolve_device(device)      # under torchrun: this rank's GPU
     model, ckpt = load_backbone(checkpoint)
-    df = read_manifest(manifest)
+    df = read_manifest(manifest, soft=True)
+    trained_on = (ckpt.get("manifest_sha256") or {}).get(str(manifest))
+    if trained_on is not None and trained_on != file_sha256(manifest):
+        echo(f"warning: {manifest} changed since {checkpoint} was trained on it (its splits may "
+             f"differ: patients of the backbone's training split could now be in val/test)")
     classes = class_columns(df)
-    if classes != list(ckpt["class_names"]):
-        raise ChxError(f"{manifest} has other classes ({len(classes)}) than {checkpoint} "
-                       f"({len(ckpt['class_names'])}); prepare the manifest onto the checkpoint's classes")
+    require_same_classes(classes, ckpt["class_names"], str(manifest), str(checkpoint))
     pre = Preprocess.from_dict(ckpt["preprocess"])
+    # Check the inputs before a store exists: a wrong --images must not leave an empty store behind.
+    ImageDataset(df, images, pre, train=False, classes=classes).require_files()
     model.to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
 
-    with torch.no_grad():
-        probe = model.forward_features(torch.zeros(1, 1, pre.size, pre.size, device=dev))
-        probe = F.avg_pool2d(probe, pool) if pool > 1 else probe
+    probe = feature_maps(model, torch.zeros(1, 1, pre.size, pre.size, device=dev), pool)
     feature_shape = tuple(int(s) for s in probe.shape[1:])
     fingerprint = {
         "checkpoint_sha256": weights_hash(eval_weights(ckpt)),
         "model": ckpt["model_config"].get("backbone_name", ckpt["model_config"].get("name")),
         "input_size": pre.size, "resize": pre.mode, "layer": "last-stage",
-        "pool": pool, "flip": flip, "dtype": "float16",
+        "pool": pool, "flip": flip, "dtype": opts.dtype,
     }
-    size = projected_size(df.height, feature_shape, flip)
-    echo(f"store {store_path}: {df.height:,} images x {feature_shape} float16"
+    size = projected_size(df.height, feature_shape, flip, opts.dtype)
+    echo(f"store {store_path}: {df.height:,} images x {feature_shape} {opts.dtype}"
          f"{' (+ flipped)' if flip else ''} = {size / 2**20:,.1f} MiB projected on disk before compression")
 
-    with _creation_lock(str(store_path)):
+    with _store_errors(store_path), _creation_lock(str(store_path)):
         store = create_store(
             store_path, image_ids=df["image_id"].to_list(), study_ids=df["study_id"].to_list(),
             views=df["view"].to_list(), splits=df["split"].fill_null("").to_list(),
             labels=label_matrix(df, classes), class_names=classes, feature_shape=feature_shape,
-            fingerprint=fingerprint, flip=flip, overwrite=overwrite and shard_i == 0, compress=compress)
+            fingerprint=fingerprint, flip=flip, overwrite=overwrite and shard_i == 0, compress=compress,
+            dtype=opts.dtype, shard_images=opts.shard_images)
+    if store.updated_metadata:
+        echo(f"note: the manifest changed the store's {', '.join(store.updated_metadata)} (refreshed; the "
+             f"maps were kept)")
+    if opts.repair:
+        report = store.verify()
+        store.mark_shards_missing(report.bad_shards)
+        echo(f"repair: {len(report.bad_shards):,} damaged shard(s) of {store.n_shards:,} to extract again"
+             + (f" ({report.summary()})" if len(report.bad_shards) else ""))
 
-    rows_of_df = store.image_index(df["image_id"].to_list())      # manifest row -> store row
-    todo_rows = np.asarray(store.missing_rows(), dtype=np.int64)
-    todo_rows = todo_rows[todo_rows % shard_n == shard_i]
+    # This writer's shards that are not done yet, and their rows in store order.
+    mine = np.intersect1d(store.shards_for_writer(shard_i, shard_n), store.missing_shards())
+    todo_rows = (np.concatenate([np.arange(*store.shard_rows(s)) for s in mine]) if len(mine)
+                 else np.zeros(0, dtype=np.int64))
     df_pos = np.empty(store.n_images, dtype=np.int64)
-    df_pos[rows_of_df] = np.arange(df.height)
+    df_pos[store.image_index(df["image_id"].to_list())] = np.arange(df.height)   # store row -> manifest row
     todo_df = df.select(pl.all().gather(df_pos[todo_rows].tolist()))
 
     written, elapsed = 0, 0.0
     if len(todo_rows):
         dataset = ImageDataset(todo_df, images, pre, train=False, classes=classes)
-        dataset.require_files()
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                             pin_memory=dev.type == "cuda")
+        buffer = ShardBuffer(store, mine)
         t0 = time.perf_counter()
         with _store_errors(store_path), ThreadPoolExecutor(max_workers=1) as writer, torch.no_grad():
             pending = None
             for batch in tqdm(loader, desc=f"extract{f' {shard_i}/{shard_n}' if shard_n > 1 else ''}",
                               unit="batch", leave=False, disable=None):
                 x = batch["image"].to(dev, non_blocking=True)
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                feats = _features(model, x, pool)
-                feats_flip = _features(model, torch.flip(x, dims=[-1]), pool) if flip else None
+                feats = feature_maps(model, x, pool).cpu().numpy()
+                feats_flip = feature_maps(model, x, pool, flip=True).cpu().numpy() if flip else None
                 rows = todo_rows[batch["index"].numpy()]
                 if pending is not None:
-                    pending.result()  # one write in flight: bounded memory, errors surface here
-                pending = writer.submit(store.write, rows, feats, feats_flip)
-                written += len(rows)
+                    written += _rows_in(store, pending.result())  # one write in flight: bounded memory
+                pending = writer.submit(buffer.add, rows, feats, feats_flip)
             if pending is not None:
-                pending.result()
+                written += _rows_in(store, pending.result())
         elapsed = time.perf_counter() - t0
 
-    store = open_store(store_path, mode="r+")
-    remaining = len(store.missing_rows())
-    if remaining == 0 and not store.complete:
-        store.mark_complete()
+    with _store_errors(store_path), open_store(store_path, mode="r+") as store:
+        remaining = len(store.missing_rows())
+        if remaining == 0 and not store.complete:
+            store.mark_complete()
     return ExtractResult(str(store_path), written, remaining, remaining == 0,
                          written / elapsed if elapsed else 0.0)
+
+
+def _rows_in(store, shards: list[int]) -> int:
+    return sum(b - a for a, b in map(store.shard_rows, shards))
 
 
 @contextlib.contextmanager
@@ -179,10 +189,3 @@ def _store_errors(store_path):
         raise ChxError(f"could not write to the feature store {store_path}: {reason}; the images "
                        f"written so far are kept: free space (or fix the cause) and rerun the same "
                        f"command to continue") from None
-
-
-def _features(model, x, pool: int) -> np.ndarray:
-    f = model.forward_features(x)
-    if pool > 1:
-        f = F.avg_pool2d(f.float(), pool)
-    return f.to(torch.float16).cpu().numpy()

@@ -14,19 +14,18 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 
 from chx.atomic import atomic_path
-from chx.data.images import load_image
-from chx.data.manifest import VIEWS, read_manifest
-from chx.data.study_dataset import deterministic_view_order
+from chx.data.datasets import check_paths
+from chx.data.images import dicom_tags, is_dicom, load_image
+from chx.data.manifest import read_manifest
 from chx.data.transforms import Preprocess, eval_transform
+from chx.data.views import canonical_view, deterministic_view_order, view_types
+from chx.engine.compat import require_same_backbone, require_same_classes
+from chx.engine.distributed import resolve_device
+from chx.engine.inference import feature_maps, fusion_probs
 from chx.errors import ChxError
-from chx.models.backbone import ImageClassifier
-from chx.models.fusion import VIEW_TYPES, FusionModel
-from chx.pipeline.checkpoint import load_checkpoint, save_checkpoint
-from chx.pipeline.extract import weights_hash
-from chx.pipeline.inference import eval_weights, resolve_device
+from chx.models import eval_weights, load_checkpoint, load_model, save_checkpoint, weights_hash
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
@@ -42,14 +41,11 @@ def make_bundle(backbone: Path, fusion: Path) -> dict:
     """The bundle of a stage-1 and a fusion checkpoint (checked to belong together), in memory."""
     b = load_checkpoint(backbone, kind="backbone")
     f = load_checkpoint(fusion, kind="fusion")
-    if list(b["class_names"]) != list(f["class_names"]):
-        raise ChxError(f"{backbone} and {fusion} were trained on different class lists; export a "
-                       f"fusion model trained on this backbone's features")
+    require_same_classes(f["class_names"], b["class_names"], str(fusion), str(backbone),
+                         fix="export a fusion model trained on this backbone's features")
     weights = eval_weights(b)
     fp = f.get("store_fingerprint") or {}
-    if fp.get("checkpoint_sha256") not in (None, weights_hash(weights)):
-        raise ChxError(f"{fusion} was trained on features of another backbone than {backbone} "
-                       f"(store fingerprint differs); give the backbone its store was extracted with")
+    require_same_backbone(fp, weights_hash(weights), str(fusion), str(backbone))
     return {
         "kind": "bundle",
         "class_names": list(b["class_names"]),
@@ -63,8 +59,8 @@ def make_bundle(backbone: Path, fusion: Path) -> dict:
 
 @dataclass
 class Predictor:
-    backbone: ImageClassifier
-    fusion: FusionModel
+    backbone: torch.nn.Module
+    fusion: torch.nn.Module
     pre: Preprocess
     pool: int
     flip_tta: bool
@@ -81,52 +77,64 @@ class Predictor:
         else:
             data = load_checkpoint(bundle, kind="bundle")
         dev = resolve_device(device)
-        bb = ImageClassifier.from_config(data["backbone"]["model_config"])
-        bb.load_state_dict(data["backbone"]["state_dict"])
-        fu = FusionModel.from_config(data["fusion"]["model_config"])
-        fu.load_state_dict(data["fusion"]["state_dict"])
-        return cls(bb.eval().to(dev), fu.eval().to(dev), Preprocess.from_dict(data["backbone"]["preprocess"]),
-                   data["features"]["pool"], data["features"]["flip_tta"], list(data["class_names"]), dev)
+        classes = list(data["class_names"])
+        source = str(bundle or fusion)
+        bb = load_model({**data["backbone"], "source": source}, kind="backbone")
+        fu = load_model({**data["fusion"], "source": source}, kind="fusion")
+        for kind, m in (("backbone", bb), ("fusion", fu)):
+            if m.config["num_classes"] != len(classes):
+                raise ChxError(f"{source}: its {kind} predicts {m.config['num_classes']} classes but it "
+                               f"names {len(classes)}; the bundle is damaged or was edited: export it again")
+        return cls(bb.to(dev), fu.to(dev), Preprocess.from_dict(data["backbone"]["preprocess"]),
+                   data["features"]["pool"], data["features"]["flip_tta"], classes, dev)
 
     @torch.no_grad()
-    def features(self, paths: list[Path], flip: bool = False) -> torch.Tensor:
-        """Feature maps [V, C, H, W] as the store holds them (pooled, rounded to float16)."""
+    def images(self, paths: list[Path]) -> torch.Tensor:
+        """Decoded, preprocessed images [V, 1, S, S] exactly as training and extraction saw them."""
         norm = eval_transform(self.pre)
-        x = torch.stack([norm(load_image(p, self.pre.size, self.pre.mode)) for p in paths]).to(self.device)
-        if flip:
-            x = torch.flip(x, dims=[-1])
-        f = self.backbone.forward_features(x)
-        if self.pool > 1:
-            f = F.avg_pool2d(f.float(), self.pool)
-        return f.to(torch.float16).float()
+        return torch.stack([norm(load_image(p, self.pre.size, self.pre.mode)) for p in paths]).to(self.device)
 
     @torch.no_grad()
     def predict_study(self, paths: list[Path], views: list[str], image_ids: list[str]) -> np.ndarray:
         """Study probabilities [K] from its image files (views: PA/AP/LATERAL/LL/OTHER)."""
         order = deterministic_view_order(views, image_ids)[: self.fusion.max_views]
-        paths = [paths[i] for i in order]
-        types = torch.tensor([[VIEW_TYPES.get(views[i], 2) for i in order]], device=self.device)
+        x = self.images([paths[i] for i in order])
+        types = torch.tensor([view_types(views[i] for i in order)], device=self.device)
         mask = torch.ones(1, len(order), dtype=torch.bool, device=self.device)
-        probs = torch.sigmoid(self.fusion(self.features(paths)[None], mask, types).float())
-        if self.flip_tta:
-            flipped = torch.sigmoid(self.fusion(self.features(paths, flip=True)[None], mask, types).float())
-            probs = 0.5 * (probs + flipped)
-        return probs[0].cpu().numpy()
+        maps = feature_maps(self.backbone, x, self.pool).float()[None]
+        maps_flip = feature_maps(self.backbone, x, self.pool, flip=True).float()[None] if self.flip_tta else None
+        return fusion_probs(self.fusion, maps, mask, types, maps_flip)[0].cpu().numpy()
+
+
+# DICOM modalities of projection radiographs; anything else (CT, MR, US, ...) is not a chest X-ray.
+RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG", "PX", "OT", ""}
 
 
 def _dicom_view(path: Path) -> str:
-    try:
-        import pydicom
-
-        v = str(pydicom.dcmread(path, stop_before_pixels=True).get("ViewPosition", "")).strip().upper()
-    except Exception:
+    """The canonical view of a DICOM file's ViewPosition (OTHER when absent or unreadable); a file
+    of another modality than a radiograph (CT, MR, ...) is refused with one line."""
+    tags = dicom_tags(path, "ViewPosition", "Modality")
+    if tags is None:
         return "OTHER"
-    return {"L": "LATERAL", "LAT": "LATERAL", "RL": "LATERAL"}.get(v, v if v in VIEWS else "OTHER")
+    modality = tags["Modality"].upper()
+    if modality not in RADIOGRAPH_MODALITIES:
+        raise ChxError(f"{path} is a {modality} image (DICOM Modality {modality}); chx predicts chest "
+                       f"radiographs (CR/DX): remove it from the input")
+    return canonical_view(tags["ViewPosition"])
+
+
+def _is_image_file(p: Path) -> bool:
+    """PNG/JPEG/DICOM by suffix, or a DICOM file without one (the DICM magic)."""
+    return p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or (p.suffix == "" and is_dicom(p)))
 
 
 def collect_inputs(images_dir: Path | None = None, files: list[Path] | None = None,
-                   manifest: Path | None = None, images: Path | None = None) -> pl.DataFrame:
-    """One row per image: image_id, study_id, view, file (absolute)."""
+                   manifest: Path | None = None, images: Path | None = None,
+                   study_id: str = "study") -> pl.DataFrame:
+    """One row per image: image_id, study_id, view, file. ``study_id`` names the ``files`` study.
+
+    A manifest's paths must stay under ``images`` (no absolute paths, no '..'), as for every other
+    reader of a manifest; symbolic links under the root are followed."""
     given = sum(x is not None and x != [] for x in (images_dir, files, manifest))
     if given != 1:
         raise ChxError("give exactly one input: --studies DIR (a folder per study), --files F... "
@@ -135,6 +143,7 @@ def collect_inputs(images_dir: Path | None = None, files: list[Path] | None = No
         if images is None:
             raise ChxError("--manifest needs --images ROOT (the manifest's paths are relative to it)")
         df = read_manifest(manifest, require_labels=False)
+        check_paths(df, source=str(manifest))
         return df.select("image_id", "study_id", "view",
                          pl.col("path").map_elements(lambda p: str(Path(images) / p), return_dtype=pl.Utf8)
                          .alias("file"))
@@ -143,7 +152,7 @@ def collect_inputs(images_dir: Path | None = None, files: list[Path] | None = No
         for f in files:
             if not Path(f).is_file():
                 raise ChxError(f"{f} does not exist")
-            rows.append((Path(f).stem, "study", Path(f)))
+            rows.append((Path(f).stem, str(study_id), Path(f)))
     else:
         root = Path(images_dir)
         if not root.is_dir():
@@ -152,14 +161,34 @@ def collect_inputs(images_dir: Path | None = None, files: list[Path] | None = No
         if not studies:
             raise ChxError(f"--studies {root} has no sub-folders; put each study's images in its own folder")
         for s in studies:
-            imgs = sorted(p for p in s.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            imgs = sorted(p for p in s.iterdir() if _is_image_file(p))
             if not imgs:
-                raise ChxError(f"study folder {s} holds no image (.png, .jpg, .dcm); remove it or add its images")
+                raise ChxError(f"study folder {s} holds no image (.png, .jpg, .dcm, or DICOM without a "
+                               f"suffix); remove it or add its images")
             rows += [(f"{s.name}/{p.stem}", s.name, p) for p in imgs]
     return pl.DataFrame({
         "image_id": [r[0] for r in rows], "study_id": [r[1] for r in rows],
-        "view": [_dicom_view(r[2]) if r[2].suffix.lower() in {".dcm", ".dicom"} else "OTHER" for r in rows],
+        "view": [_dicom_view(r[2]) if is_dicom(r[2]) else "OTHER" for r in rows],
         "file": [str(r[2]) for r in rows]})
+
+
+SUFFIX_FORMATS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Per-image challenge submissions (CSV): the key column and where its value comes from.
+SUBMISSIONS = {"cxr-lt": ("dicom_id", "image_id"),        # CXR-LT 2023/2024: MIMIC's dicom_id
+               "cxr-lt-2026": ("ImageID", "file name")}  # CXR-LT 2026: the image's file name
+
+
+def output_format(out: Path, fmt: str | None) -> str:
+    """The format of ``-o out``: ``fmt`` when given (it must agree with a .json/.parquet/.csv
+    suffix), else the suffix's (csv for any other suffix)."""
+    by_suffix = SUFFIX_FORMATS.get(Path(out).suffix.lower())
+    if fmt is None:
+        return by_suffix or "csv"
+    written = "csv" if fmt in SUBMISSIONS else fmt
+    if by_suffix is not None and by_suffix != written:
+        raise ChxError(f"-o {out} ends in {Path(out).suffix} but --format {fmt} writes {written}; name the "
+                       f"file .{written} or drop --format")
+    return fmt
 
 
 def predict(predictor: Predictor, inputs: pl.DataFrame, out: Path, fmt: str = "csv") -> pl.DataFrame:
@@ -174,15 +203,25 @@ def predict(predictor: Predictor, inputs: pl.DataFrame, out: Path, fmt: str = "c
                                              group["image_id"].to_list()))
     table = pl.DataFrame({"study_id": study_ids}).with_columns(
         [pl.Series(c, np.stack(probs)[:, i]) for i, c in enumerate(predictor.class_names)])
-    if fmt == "cxr-lt":
-        # The challenge wants one row per image (dicom_id): join study probabilities BY KEY.
-        table = (inputs.select(pl.col("image_id").alias("dicom_id"), "study_id")
+    if fmt in SUBMISSIONS:
+        # The challenges want one row per image: join study probabilities BY KEY, never by position.
+        key, image_key = SUBMISSIONS[fmt]
+        if fmt == "cxr-lt-2026":
+            from chx.data.classes import CXR_LT_2026
+
+            if list(predictor.class_names) != list(CXR_LT_2026):
+                raise ChxError(f"--format cxr-lt-2026 needs a model of the 30 CXR-LT 2026 classes in the "
+                               f"challenge order; this one has {len(predictor.class_names)} other classes "
+                               f"(prepare with --classes cxr-lt-2026)")
+        keys = (inputs["image_id"] if image_key == "image_id"
+                else inputs["file"].map_elements(lambda f: Path(f).name, return_dtype=pl.Utf8))
+        table = (pl.DataFrame({key: keys, "study_id": inputs["study_id"]})
                  .join(table, on="study_id", how="left", maintain_order="left").drop("study_id"))
         missing = table.filter(pl.any_horizontal(pl.col(predictor.class_names).is_null()))
         if missing.height or table.height != inputs.height:
-            raise ChxError(f"{missing.height} image(s) got no prediction (e.g. {missing['dicom_id'][:1].to_list()}); "
+            raise ChxError(f"{missing.height} image(s) got no prediction (e.g. {missing[key][:1].to_list()}); "
                            f"nothing was written")
-    _write_table(table, out, "json" if fmt == "json" else ("parquet" if out.suffix == ".parquet" else "csv"))
+    _write_table(table, out, "csv" if fmt in SUBMISSIONS else fmt)
     return table
 
 

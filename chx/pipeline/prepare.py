@@ -4,23 +4,42 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
+
 from chx.data.adapters import get_adapter
-from chx.data.classes import resolve_classes
+from chx.data.classes import frequency_groups, resolve_classes
 from chx.data.manifest import summarize, validate, write_manifest
 from chx.data.splits import assign_splits
+from chx.data.views import VIEWS
 
 
 def prepare(dataset: str, sources: list[Path], out: Path, *, classes: str | None = None,
             images: Path | None = None, only_existing: bool = False,
             val_fraction: float = 0.0, test_fraction: float = 0.0, seed: int = 0,
             options: dict | None = None) -> dict:
-    """Build, validate and atomically write the manifest; return its summary counts."""
+    """Build, validate and atomically write the manifest; return its summary counts.
+
+    The summary is :func:`chx.data.manifest.summarize`'s, plus ``views`` (images per canonical
+    view, in :data:`~chx.data.views.VIEWS` order), ``groups`` (head / medium / tail classes by
+    prevalence among the training images, those of split train or unassigned:
+    :func:`~chx.data.classes.frequency_groups`) and ``notes`` (lines for the user: rows dropped and
+    why, views that became OTHER, images found under ``images``, a source split replaced).
+    """
     adapter = get_adapter(dataset)
     target = resolve_classes(classes, default=adapter.default_classes)
+    notes: list[str] = []
     df = adapter.prepare(list(sources), target, images=images, only_existing=only_existing,
-                         **(options or {}))
+                         notes=notes, **(options or {}))
     if val_fraction > 0 or test_fraction > 0:
+        if df["split"].is_not_null().any():
+            notes.append("split: --val-fraction/--test-fraction replace the split the source files gave")
         df = assign_splits(df, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     df = validate(df, source=f"prepared {dataset} manifest")
     write_manifest(df, out)
-    return summarize(df)
+    summary = summarize(df)
+    counts = dict(df["view"].value_counts().iter_rows())
+    summary["views"] = {v: counts[v] for v in VIEWS if v in counts}
+    train = summarize(df.filter(pl.col("split").is_null() | (pl.col("split") == "train")))
+    summary["groups"] = frequency_groups(train["positives"], train["annotated"])
+    summary["notes"] = notes
+    return summary

@@ -12,19 +12,9 @@ import polars as pl
 from chx.data.datasets import ImageDataset, label_matrix
 from chx.data.manifest import class_columns, read_manifest, validate, write_manifest
 from chx.data.transforms import Preprocess
-from chx.errors import ChxError
-from chx.models.backbone import ImageClassifier
-from chx.pipeline.checkpoint import load_checkpoint
-from chx.pipeline.inference import eval_weights, predict_probs, resolve_device
-
-
-def load_backbone(checkpoint: Path) -> tuple[ImageClassifier, dict]:
-    """A stage-1 model ready to predict (EMA weights when the run kept them) and its checkpoint."""
-    ckpt = load_checkpoint(checkpoint, kind="backbone")
-    model = ImageClassifier.from_config(ckpt["model_config"])
-    model.load_state_dict(eval_weights(ckpt))
-    model.eval()
-    return model, ckpt
+from chx.engine.compat import require_same_classes
+from chx.engine.distributed import resolve_device
+from chx.engine.inference import load_backbone, predict_images
 
 
 def pseudo_label(checkpoint: Path, manifest: Path, images: Path, out: Path, *, tta: bool = True,
@@ -32,16 +22,13 @@ def pseudo_label(checkpoint: Path, manifest: Path, images: Path, out: Path, *, t
     model, ckpt = load_backbone(checkpoint)
     df = read_manifest(manifest)
     classes = class_columns(df)
-    if classes != list(ckpt["class_names"]):
-        raise ChxError(f"{manifest} has classes {classes[:3]}... ({len(classes)}) but {checkpoint} was "
-                       f"trained on {list(ckpt['class_names'])[:3]}... ({len(ckpt['class_names'])}); "
-                       f"prepare the manifest onto the checkpoint's classes (`chx prepare ... --classes`)")
+    require_same_classes(classes, ckpt["class_names"], str(manifest), str(checkpoint))
     dataset = ImageDataset(df, images, Preprocess.from_dict(ckpt["preprocess"]), train=False,
                            classes=classes)
     dataset.require_files()
     dev = resolve_device(device)
     model.to(dev)
-    probs = predict_probs(model, dataset, batch_size=batch_size, workers=workers, device=dev, tta=tta,
+    probs = predict_images(model, dataset, batch_size=batch_size, workers=workers, device=dev, tta=tta,
                           desc="pseudo-label")
     labels = label_matrix(df, classes)
     filled = np.where(np.isnan(labels), probs, labels).astype(np.float32)

@@ -18,6 +18,8 @@ import io
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +71,10 @@ def fmt(x, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
-def _fmt_metric(key: str, x) -> str:
+def _fmt_metric(key: str, x, result: dict | None = None) -> str:
+    """A macro cell; ``n`` says what it counts (studies for fusion, images for a backbone)."""
+    if key == "n" and result is not None and result.get("unit") and not _missing(x):
+        return f"{fmt(x)} {result['unit']}"
     return fmt(x, 4 if key == "ece" else 3)
 
 
@@ -77,7 +82,7 @@ def summary_table(result: dict) -> str:
     """Markdown: the macro table (mAP, mAUC, mF1, mAP head/medium/tail, ECE, n), then one row per
     class ordered by training frequency (most frequent first)."""
     lines = ["| metric | value |", "|---|---:|"]
-    lines += [f"| {label} | {_fmt_metric(key, result.get(key))} |" for label, key in MACRO_ROWS]
+    lines += [f"| {label} | {_fmt_metric(key, result.get(key), result)} |" for label, key in MACRO_ROWS]
     lines += ["", "| class | group | train | support | n | AP | AUROC | F1 | threshold |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in classes_by_frequency(result):
@@ -98,15 +103,77 @@ def _per_class_csv(result: dict) -> str:
     return buf.getvalue()
 
 
+REPORT_FILES = ("metrics.json", "per_class.csv", "summary.md", "predictions.csv", "ap_per_class.png",
+                "pr_curves.png", "reliability.png")
+
+
+def is_report_folder(path: Path) -> bool:
+    """A folder chx evaluate wrote (it holds metrics.json and nothing but report files)."""
+    names = {p.name for p in path.iterdir()}
+    return "metrics.json" in names and names <= set(REPORT_FILES)
+
+
 def write_report(out_dir: str | os.PathLike, result: dict, *, scores: np.ndarray | None = None,
                  labels: np.ndarray | None = None, class_names: list[str] | None = None,
-                 title: str = "") -> dict[str, Path]:
-    """Write the report files into ``out_dir``; return {"metrics", "per_class", "summary"[, "ap_per_class",
-    "pr_curves", "reliability"]: path}. The PR curves and reliability diagram need ``scores`` and
-    ``labels`` ([N, K], NaN = not annotated, columns in ``class_names`` order; default: the
-    result's class order), so all three plots are written only when both are given."""
+                 title: str = "", ids: list[str] | None = None, id_name: str = "id",
+                 overwrite: bool = True) -> dict[str, Path]:
+    """Write the report folder ``out_dir`` as a whole; return {"metrics", "per_class", "summary"[,
+    "predictions", "ap_per_class", "pr_curves", "reliability"]: path}.
+
+    The PR curves and reliability diagram need ``scores`` and ``labels`` ([N, K], NaN = not
+    annotated, columns in ``class_names`` order; default: the result's class order), so all three
+    plots are written only when both are given; with ``ids`` (one per row of ``scores``) also
+    predictions.csv (``id_name``, then one probability column per class).
+
+    The files are written into a temp folder beside ``out_dir``, which then replaces it: an
+    interrupted evaluation leaves the previous report whole, never new metrics beside old plots.
+    An existing ``out_dir`` is replaced only when it is empty or a report folder (and
+    ``overwrite``); anything else is refused."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        if not out.is_dir():
+            raise ChxError(f"report folder {out} is a file; choose another -o")
+        if any(out.iterdir()):
+            if not is_report_folder(out):
+                raise ChxError(f"{out} holds files that chx evaluate did not write; refusing to replace "
+                               f"it: choose another -o")
+            if not overwrite:
+                raise ChxError(f"{out} already holds a report; use --overwrite to replace it or another -o")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise ChxError(f"could not write the report folder {out}: {e.strerror or e}; choose another -o") from None
+    try:
+        paths = _write_report_files(tmp, result, scores, labels, class_names, title, ids, id_name)
+        os.chmod(tmp, 0o777 & ~_umask())
+        _replace_folder(tmp, out)
+    except OSError as e:
+        raise ChxError(f"could not write the report folder {out}: {e.strerror or e}; the previous "
+                       f"report, if any, is intact") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {k: out / p.name for k, p in paths.items()}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Rename ``new`` over ``out`` (an old ``out`` is moved aside first, then removed)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, out)
+
+
+def _write_report_files(out: Path, result, scores, labels, class_names, title, ids, id_name) -> dict[str, Path]:
     class_names = list(class_names if class_names is not None else result.get("class_names") or result["per_class"])
     paths = {
         "metrics": _write_text(out / "metrics.json", json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n"),
@@ -129,8 +196,19 @@ def write_report(out_dir: str | os.PathLike, result: dict, *, scores: np.ndarray
                    "reliability": "Reliability"}
     if "reliability" in paths:
         md += ["## Plots", ""] + [f"![{t}]({paths[k].name})" for k, t in plot_titles.items()] + [""]
+    if ids is not None and scores is not None:
+        paths["predictions"] = _write_text(out / "predictions.csv", _predictions_csv(ids, id_name, scores, class_names))
     paths["summary"] = _write_text(out / "summary.md", "\n".join(md))
     return paths
+
+
+def _predictions_csv(ids, id_name: str, scores: np.ndarray, class_names: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([id_name, *class_names])
+    for i, row in zip(ids, np.asarray(scores, dtype=np.float64)):
+        w.writerow([i, *(f"{x:.6g}" for x in row)])
+    return buf.getvalue()
 
 
 def _read_run(run_dir: Path) -> dict:
@@ -144,6 +222,15 @@ def _read_run(run_dir: Path) -> dict:
             from None
     if not isinstance(result, dict) or not isinstance(result.get("per_class"), dict):
         raise ChxError(f"{path} has no per_class metrics; rerun `chx evaluate ... --out {run_dir}`")
+    number = lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))  # noqa: E731
+    for label, key in MACRO_ROWS:
+        if not number(result.get(key)):
+            raise ChxError(f"{path}: {key!r} is {result.get(key)!r}, not a number; the file was edited or "
+                           f"damaged: rerun `chx evaluate ... --out {run_dir}`")
+    for c, v in result["per_class"].items():
+        if not isinstance(v, dict) or not all(number(v.get(k)) for k in ("ap", "auc", "f1", "train_count")):
+            raise ChxError(f"{path}: the metrics of class {c!r} are not numbers; the file was edited or "
+                           f"damaged: rerun `chx evaluate ... --out {run_dir}`")
     return result
 
 
@@ -171,8 +258,13 @@ def compare_runs(run_dirs: list[Path]) -> str:
     header = "| metric | " + " | ".join(names) + " |"
     rule = "|---|" + "---:|" * len(names)
     lines = [header, rule]
-    lines += [f"| {label} | " + " | ".join(_fmt_metric(key, r.get(key)) for r in results) + " |"
+    lines += [f"| {label} | " + " | ".join(_fmt_metric(key, r.get(key), r) for r in results) + " |"
               for label, key in MACRO_ROWS]
+    units = {r.get("unit") for r in results}
+    if len(units) > 1:
+        lines += ["", "Note: these reports score different units (" + ", ".join(
+            f"{n}: {r.get('unit') or 'unknown'}" for n, r in zip(names, results))
+            + "): a fusion model is scored per study, a backbone per image."]
     lines += ["", "| class | group | " + " | ".join(f"AP {n}" for n in names) + " |",
               "|---|---|" + "---:|" * len(names)]
     for c in classes_by_frequency(results[0]):

@@ -7,38 +7,22 @@ for the weighted ASL come from the training rows. The best checkpoint is chosen 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import torch
 
 from chx.data.datasets import ImageDataset, check_paths, label_matrix
-from chx.data.manifest import class_columns, read_manifest
-from chx.data.samplers import ClassAwareSampler, ShuffleSampler
+from chx.data.manifest import class_columns, file_sha256, read_manifest, soft_label_count
 from chx.data.transforms import Preprocess
+from chx.engine.distributed import setup_distributed
+from chx.engine.inference import predict_images
+from chx.engine.objective import make_objective
+from chx.engine.trainer import FitResult, TrainConfig, fit, warn  # noqa: F401  (TrainConfig re-exported)
 from chx.errors import ChxError
-from chx.losses import WeightedASL, class_prior
-from chx.metrics import prior_baseline, summarize
-from chx.models.backbone import ImageClassifier
-from chx.pipeline.inference import predict_probs
-from chx.pipeline.trainer import FitResult, TrainConfig, fit, setup_distributed, warn
-
-
-@dataclass
-class BackboneOptions:
-    """Model and data options of stage 1 (paper defaults)."""
-
-    model: str = "convnext_small.fb_in22k_ft_in1k"
-    size: int = 1024
-    resize: str = "letterbox"
-    pretrained: bool = True
-    weights: str | None = None
-    balance: bool = True
-    tta: bool = True
-    grad_checkpointing: bool = False
-    eval_batch_size: int = 16
+from chx.models import create_model
+from chx.options import BackboneOptions
 
 
 def load_manifests(manifests: list[Path], images: list[Path]) -> tuple[pl.DataFrame, list[Path]]:
@@ -51,7 +35,10 @@ def load_manifests(manifests: list[Path], images: list[Path]) -> tuple[pl.DataFr
                        f"({len(manifests)} manifests, {len(images)} roots)")
     tables, roots = [], []
     for i, path in enumerate(manifests):
-        df = read_manifest(path)
+        df = read_manifest(path, soft=True)
+        soft = soft_label_count(df)
+        if soft:
+            warn(f"note: {path} holds {soft:,} soft labels (between 0 and 1): trained as pseudo labels")
         check_paths(df, source=str(path))
         if tables and class_columns(df) != class_columns(tables[0]):
             raise ChxError(f"{path} has other classes than {manifests[0]}: prepare both onto the same "
@@ -93,55 +80,43 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
     train_set.require_files("training")
     if val_set is not None:
         val_set.require_files("validation")
-
-    train_labels = label_matrix(train_df, classes)
-    positives = np.nansum(train_labels >= 0.5, axis=0)
-    zero = [c for c, n in zip(classes, positives) if n == 0]
-    if zero and ddp.is_main:
-        warn(f"warning: {len(zero)} class(es) have no positive training image and cannot be "
-             f"learned: {', '.join(zero)}")
-    if val_df.height == 0 and ddp.is_main:
+    elif ddp.is_main:
         warn("warning: no validation rows (split 'val'): best.pt will be the last checkpoint")
 
-    prior = class_prior(train_labels)
+    objective = make_objective(label_matrix(train_df, classes), classes, balance=opts.balance,
+                               seed=cfg.seed, ddp=ddp, unit="image", warn=warn,
+                               soft_targets=opts.soft_targets)
     torch.manual_seed(cfg.seed)  # model initialisation
-    model = ImageClassifier(opts.model, num_classes=len(classes), pretrained=opts.pretrained,
-                            weights=opts.weights)
+    model = create_model("backbone", backbone_name=opts.model, num_classes=len(classes),
+                         pretrained=opts.pretrained, weights=opts.weights)
     if opts.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    loss_fn = WeightedASL(torch.as_tensor(prior, dtype=torch.float32)).to(ddp.device)
-
-    kw = dict(seed=cfg.seed, rank=ddp.rank, world_size=ddp.world_size)
-    sampler = (ClassAwareSampler(train_labels, **kw) if opts.balance
-               else ShuffleSampler(len(train_set), **kw))
 
     def batch_loss(model, batch, device):
         x = batch["image"].to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        return loss_fn(model(x), batch["target"].to(device, non_blocking=True))
+        return objective.loss(model(x), batch["target"].to(device, non_blocking=True))
 
     evaluate = None
     if val_set is not None:
-        val_labels = label_matrix(val_df, classes)
-
-        baseline = prior_baseline(prior, val_labels, classes)
+        score = objective.scorer(label_matrix(val_df, classes), classes)
 
         def evaluate(model):
-            probs = predict_probs(model, val_set, batch_size=opts.eval_batch_size, workers=cfg.workers,
-                                  device=ddp.device, tta=opts.tta, desc="validate")
-            return {**summarize(probs, val_labels, classes, train_counts=positives), **baseline}
+            return score(predict_images(model, val_set, batch_size=opts.eval_batch_size, workers=cfg.workers,
+                                        device=ddp.device, tta=opts.tta, desc="validate"))
 
     meta = {
         "kind": "backbone",
         "model_config": model.config,
         "class_names": classes,
         "preprocess": pre.to_dict(),
-        "class_prior": [float(p) for p in prior],
-        "train_counts": [int(n) for n in positives],
+        **objective.meta(),
         "tta": opts.tta,
-        "options": {**opts.__dict__, "manifests": [str(m) for m in manifests],
+        "options": {**asdict(opts), "manifests": [str(m) for m in manifests],
                     "images": [str(i) for i in images]},
+        # a manifest changed after training (e.g. prepare rerun with another --seed) is noticed
+        "manifest_sha256": {str(m): file_sha256(m) for m in manifests},
     }
-    return fit(model, train_set, sampler, batch_loss, evaluate, cfg, out, meta,
+    return fit(model, train_set, objective.sampler, batch_loss, evaluate, cfg, out, meta,
                resume=resume, overwrite=overwrite, ddp=ddp)

@@ -2,17 +2,28 @@
 
 One interface, two backends chosen by the path: a Zarr v3 directory (default; a local path or any
 fsspec URL such as ``memory://x``) or a single HDF5 file (a path ending ``.h5``/``.hdf5``). It knows
-nothing of models: it stores float16 arrays, study metadata and a caller-given fingerprint.
+nothing of models: it stores feature maps, study metadata and a caller-given fingerprint.
 
-Layout: ``features`` [n_images, C, H, W] float16 (one chunk per image; ``features_flip`` too when
-created with flip=True), images sorted by study so study ``i`` is rows
-``study_ptr[i]:study_ptr[i + 1]``; per image ``image_id``, ``view``, ``split``, ``done``; per study
-``study_id`` and ``labels`` [n_studies, K] float32 (NaN = not annotated); attributes
-``format_version``, ``class_names``, ``fingerprint``, ``feature_shape``, ``flip``, ``complete``.
+Layout (format 2): ``features`` [n_images, C, H, W] (``features_flip`` too when created with
+flip=True) stored as float16, bfloat16 bits or float8 e4m3 (+ a per-image, per-channel ``scale``),
+read back as float16; images sorted by study, so study ``i`` is rows
+``study_ptr[i]:study_ptr[i + 1]``; rows grouped into shards of ``shard_images`` consecutive rows,
+each written whole by one writer and marked done (with CRC-32C checksums) in ``shard_done``; per
+image ``image_id``, ``view``, ``split``; per study ``study_id`` and ``labels`` [n_studies, K]
+float32 (NaN = not annotated); attributes ``format_version``, ``chx_feature_store``,
+``class_names``, ``fingerprint``, ``feature_shape``, ``flip``, ``dtype``, ``shard_images``,
+``checksum``, ``complete``. Format 1 (older stores: one object per image, a ``done`` flag per
+image, float16) is still opened, read and written.
 """
 
-from chx.store._api import create_store, is_hdf5_path, open_store
-from chx.store._base import FORMAT_VERSION, VIEWS, FeatureStore, StudyFeatures, local_path, projected_size
+from chx.store._api import backend_class, create_store, is_hdf5_path, open_store
+from chx.store._buffer import ShardBuffer
+from chx.store._base import (FeatureStore, ShardProblem, StoredMaps, StudyFeatures, VerifyReport, local_path,
+                             projected_size)
+from chx.store._layout import FORMAT_VERSION, StoreSpec, fingerprint_diff
+from chx.store._codec import DTYPES, default_shard_images
+from chx.store._codec import decode as decode_maps
 
-__all__ = ["FeatureStore", "StudyFeatures", "create_store", "open_store", "projected_size", "is_hdf5_path",
-           "local_path", "FORMAT_VERSION", "VIEWS"]
+__all__ = ["FeatureStore", "ShardBuffer", "StudyFeatures", "StoredMaps", "StoreSpec", "VerifyReport", "ShardProblem",
+           "create_store", "open_store", "backend_class", "projected_size", "default_shard_images", "is_hdf5_path",
+           "local_path", "FORMAT_VERSION", "DTYPES", "decode_maps", "fingerprint_diff"]

@@ -5,48 +5,67 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import numpy as np
-
 from chx.errors import ChxError
-from chx.store._base import FeatureStore, build_layout, check_feature_shape, fingerprint_diff, normalise_fingerprint
+from chx.store import _codec
+from chx.store._base import FeatureStore
+from chx.store._layout import (FORMAT_VERSION, LEGACY_SHARD_IMAGES, StoreSpec, build_layout, check_feature_shape,
+                               normalise_fingerprint)
 
 
 def is_hdf5_path(path) -> bool:
     return str(path).lower().endswith((".h5", ".hdf5"))
 
 
-def _backend(path):
+def backend_class(path) -> type[FeatureStore]:
+    """The backend that handles `path`: HDF5 for *.h5/*.hdf5, else Zarr."""
     if is_hdf5_path(path):
-        from chx.store import _hdf5 as mod
-        return mod, mod.HDF5FeatureStore
-    from chx.store import _zarr as mod
-    return mod, mod.ZarrFeatureStore
+        from chx.store._hdf5 import HDF5FeatureStore
+        return HDF5FeatureStore
+    from chx.store._zarr import ZarrFeatureStore
+    return ZarrFeatureStore
 
 
-def open_store(path, mode: str = "r") -> FeatureStore:
+def open_store(path, mode: str = "r", *, require_complete: bool = False) -> FeatureStore:
     """Open an existing store: mode "r" (read-only, the default) or "r+" (write features, mark complete).
 
     A Zarr directory (local path or fsspec URL) or an HDF5 file (path ending .h5/.hdf5). A missing or
-    damaged store raises ChxError naming the path and what to do."""
+    damaged store raises ChxError naming the path and what to do. require_complete=True (what every
+    reader should ask for) also refuses, with one line, a store that is not complete or whose shard
+    objects are not all there (see :meth:`FeatureStore.require_complete`)."""
     if mode not in ("r", "r+"):
         raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
     path = os.fspath(path) if not isinstance(path, str) else path
-    _, cls = _backend(path)
-    return cls(path, mode)
+    store = backend_class(path)(path, mode)
+    if require_complete:
+        try:
+            store.require_complete()
+        except BaseException:
+            store.close()
+            raise
+    return store
 
 
 def create_store(path, *, image_ids: Sequence[str], study_ids: Sequence[str], views: Sequence[str],
                  splits: Sequence[str], labels, class_names: Sequence[str], feature_shape: Sequence[int],
-                 fingerprint: dict, flip: bool = False, overwrite: bool = False,
-                 compress: bool = False) -> FeatureStore:
+                 fingerprint: dict, flip: bool = False, overwrite: bool = False, compress: bool = False,
+                 dtype: str = "float16", shard_images: int | None = None,
+                 format_version: int | None = None) -> FeatureStore:
     """Create a store for these images (per-image inputs in any order), or reopen a matching one.
 
     Images are stored sorted by study (first appearance of each study, then input order), so each
     study is one contiguous slice; `store.image_index(ids)` maps ids to store rows. When `path`
-    already holds a store made with the same fingerprint, class names and images (same study for
-    each image), it is reopened for writing with its `done` mask kept (resume); its views, splits
-    and labels are refreshed from these inputs if they changed (listed in `store.updated_metadata`).
-    Any other difference raises ChxError naming it; overwrite=True replaces the store instead.
+    already holds a store made with the same fingerprint, class names, dtype and images (same study
+    for each image), it is reopened for writing with its done markers kept (resume); its views,
+    splits and labels are refreshed from these inputs if they changed (listed in
+    `store.updated_metadata`). Any other difference raises ChxError naming it; overwrite=True
+    replaces the store instead - but only a store that is provably chx's (its format attributes, or
+    an HDF5 file's chx header): anything else at `path` is refused, never deleted.
+
+    dtype: how maps are stored - "float16", "bfloat16" or "float8" (e4m3 with a per-image,
+    per-channel scale; half the bytes); reads always return float16 (see chx/store/_codec.py for the
+    float8 error bound). shard_images: images per shard (format 2; default
+    :func:`chx.store._codec.default_shard_images` of the map size). format_version: 2 (the
+    default: sharded) or 1 (one object per image, float16 only; for tests of older stores).
 
     compress=True compresses the feature maps (Zarr: zstd; HDF5: lzf + byte shuffle); off by
     default, because float16 maps barely compress (measured 1.00-1.09x) while compression costs
@@ -56,85 +75,56 @@ def create_store(path, *, image_ids: Sequence[str], study_ids: Sequence[str], vi
     on object storage the attributes, `format_version` among them, are written last, and a store
     without them is refused by open_store as half-initialised."""
     path = os.fspath(path) if not isinstance(path, str) else path
-    mod, _ = _backend(path)
-    layout = build_layout(image_ids, study_ids, views, splits, labels, class_names)
-    shape = check_feature_shape(feature_shape)
-    fp = normalise_fingerprint(fingerprint)
-    classes = [str(c) for c in class_names]
-    if len(set(classes)) != len(classes):
-        raise ChxError(f"class names repeat: {sorted({c for c in classes if classes.count(c) > 1})}")
+    cls = backend_class(path)
+    spec = _spec(image_ids, study_ids, views, splits, labels, class_names, feature_shape, fingerprint, flip,
+                 compress, dtype, shard_images, format_version)
+    explicit = {"format_version": format_version, "shard_images": None if shard_images is None else spec.shard_images}
 
-    state, reason = mod.probe(path)
+    state, reason = cls.probe(path)
     if state == "foreign":
-        raise ChxError(f"{path} exists and is not a chx feature store ({reason}); refusing to replace it: "
-                       f"choose another store path")
-    if state == "invalid" and not overwrite:
+        raise ChxError(f"{path} exists and is not a chx feature store ({reason}); refusing to replace it, even "
+                       f"with --overwrite: choose another store path (or delete it yourself if it is yours)")
+    if state == "damaged" and not overwrite:
         raise ChxError(f"{path} exists but is not a usable feature store ({reason}); use --overwrite to replace it")
     if state == "store" and not overwrite:
-        return _reopen(path, layout, classes, shape, fp, bool(flip), image_ids, study_ids, views, splits, labels)
-    created = mod.create(path, layout, classes, shape, fp, bool(flip), replace=(state != "absent"),
-                         compress=bool(compress))
+        return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
+    try:
+        created = cls.create(path, spec, replace=(state != "absent"))
+    except OSError as e:   # an unwritable or missing folder, a full disk: the user's to fix
+        raise ChxError(f"could not create feature store {path}: {e.strerror or e}; choose another store path, "
+                       f"or fix the folder (permissions, free space)") from None
     if not created:   # another process created it meanwhile: same checks as a resume
-        return _reopen(path, layout, classes, shape, fp, bool(flip), image_ids, study_ids, views, splits, labels)
+        return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
     return open_store(path, "r+")
 
 
-def _sample(xs, n=3) -> str:
-    xs = sorted(xs)
-    return ", ".join(repr(x) for x in xs[:n]) + (", ..." if len(xs) > n else "")
+def _spec(image_ids, study_ids, views, splits, labels, class_names, feature_shape, fingerprint, flip, compress,
+          dtype, shard_images, format_version) -> StoreSpec:
+    layout = build_layout(image_ids, study_ids, views, splits, labels, class_names)
+    shape = check_feature_shape(feature_shape)
+    classes = [str(c) for c in class_names]
+    if len(set(classes)) != len(classes):
+        raise ChxError(f"class names repeat: {sorted({c for c in classes if classes.count(c) > 1})}")
+    dtype = _codec.check_dtype(dtype)
+    version = FORMAT_VERSION if format_version is None else int(format_version)
+    if version not in (1, 2):
+        raise ValueError(f"format_version must be 1 or 2, not {format_version!r}")
+    if version == 1 and dtype != "float16":
+        raise ValueError(f"format 1 stores hold float16 only, not {dtype}")
+    if shard_images is not None and (version == 1 or int(shard_images) < 1):
+        raise ValueError(f"shard_images={shard_images!r}: needs format 2 and a positive count")
+    s = LEGACY_SHARD_IMAGES if version == 1 else \
+        min(int(shard_images), layout.n_images) if shard_images is not None else \
+        _codec.default_shard_images(layout.n_images, shape, dtype, bool(flip))
+    return StoreSpec(layout=layout, class_names=classes, feature_shape=shape,
+                     fingerprint=normalise_fingerprint(fingerprint), flip=bool(flip), dtype=dtype,
+                     compress=bool(compress), format_version=version, shard_images=s)
 
 
-def _reopen(path, layout, classes, shape, fp, flip, image_ids, study_ids, views, splits, labels) -> FeatureStore:
+def _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit) -> FeatureStore:
     store = open_store(path, "r+")
     try:
-        diffs = []
-        fd = fingerprint_diff(store.fingerprint, fp)
-        if fd:
-            diffs.append("fingerprint field(s) differ: " + "; ".join(fd))
-        if store.feature_shape != shape:
-            diffs.append(f"feature shape {store.feature_shape} in the store vs {shape} now")
-        if store.has_flip != flip:
-            diffs.append(f"flip={store.has_flip} in the store vs flip={flip} now")
-        if store.class_names != classes:
-            a, b = store.class_names, classes
-            pos = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            diffs.append(f"class list differs ({len(a)} classes in the store vs {len(b)} now; first difference "
-                         f"at position {pos}: {a[pos] if pos < len(a) else '<none>'!r} vs "
-                         f"{b[pos] if pos < len(b) else '<none>'!r})")
-        have, want = set(store.image_ids), set(layout.image_ids)
-        if have != want:
-            only_store, only_new = have - want, want - have
-            parts = []
-            if only_store:
-                parts.append(f"{len(only_store):,} only in the store (e.g. {_sample(only_store)})")
-            if only_new:
-                parts.append(f"{len(only_new):,} not in the store (e.g. {_sample(only_new)})")
-            diffs.append(f"images differ: {'; '.join(parts)}")
-        else:
-            rows = store.image_index([str(x) for x in image_ids])
-            stored_study = np.repeat(np.asarray(store.study_ids, dtype=object), np.diff(store.study_ptr))
-            moved = [str(image_ids[j]) for j, r in enumerate(rows) if stored_study[r] != str(study_ids[j])]
-            if moved:
-                diffs.append(f"images differ: {len(moved):,} belong to another study now (e.g. {_sample(moved)})")
-        if diffs:
-            raise ChxError(f"feature store {path} was made differently: {' | '.join(diffs)}; "
-                           f"use --overwrite to replace it (or choose another store path)")
-        # Same images and studies: bring views/splits/labels to store order and refresh any that changed.
-        new_views = [""] * store.n_images
-        new_splits = [""] * store.n_images
-        for r, v, s in zip(rows, _as_str_list(views), _as_str_list(splits)):
-            new_views[r], new_splits[r] = v, s
-        lab = np.asarray(labels, dtype=np.float32)
-        study_row = {sid: i for i, sid in enumerate(store.study_ids)}
-        new_labels = np.empty_like(store.labels)
-        for j, sid in enumerate(study_ids):
-            new_labels[study_row[str(sid)]] = lab[j]
-        store._update_metadata(new_views, new_splits, new_labels)
-        return store
+        return store._reopen(spec, image_ids, study_ids, views, splits, labels, explicit)
     except BaseException:
         store.close()
         raise
-
-
-def _as_str_list(values) -> list[str]:
-    return ["" if v is None else str(v) for v in values]

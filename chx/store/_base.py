@@ -1,24 +1,36 @@
-"""Backend-neutral parts of the feature store: the study layout, validation, the common class."""
+"""Backend-neutral parts of the feature store: the common class, its reports, the backend contract.
+
+The backend contract: a backend subclasses :class:`FeatureStore`, says whether it takes parallel
+writers (``supports_parallel_writers``), implements the classmethods ``probe`` (what a path holds
+now) and ``create`` (a new store from a :class:`StoreSpec`), and the primitives marked "backend"
+below (open, attributes, whole small arrays, raw rows of the feature arrays, done markers, disk
+usage). Attribute, version and shape checks, dtype encoding, checksums, the shard API, reads with
+their error reports, ``verify``, ``info`` and the reopen check live here, once.
+"""
 
 from __future__ import annotations
 
-import json
+import math
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from chx.errors import ChxError
+from chx.store import _codec
+from chx.store._layout import FORMAT_VERSION, LEGACY_SHARD_IMAGES, MARKER, StoreSpec, fingerprint_diff
+from chx.store._shardfile import ShardFileError
 
-FORMAT_VERSION = 1
-VIEWS = ("PA", "AP", "LATERAL", "LL", "OTHER")
-FEATURE_DTYPE = np.dtype("float16")
-# The arrays every store holds (features_flip only when created with flip=True).
-REQUIRED_ARRAYS = ("features", "study_ptr", "image_id", "view", "split", "done", "study_id", "labels")
-REQUIRED_ATTRS = ("format_version", "class_names", "fingerprint", "feature_shape", "complete", "flip")
+META_ARRAYS = ("study_ptr", "image_id", "view", "split", "study_id", "labels")
+REQUIRED_ATTRS = {1: ("format_version", "class_names", "fingerprint", "feature_shape", "complete", "flip"),
+                  2: ("format_version", "class_names", "fingerprint", "feature_shape", "complete", "flip",
+                      MARKER, "dtype", "shard_images", "checksum")}
+DONE_FIELDS = ("done", "features", "features_flip", "scale")   # a format-2 done marker: flag + CRC-32C per array
 HINT_RECREATE = "re-create it with `chx extract-features ... --overwrite`"
+HINT_REPAIR = "re-extract the damaged shards with `chx extract-features ... --repair`"
 
 
 def local_path(path) -> Path | None:
@@ -31,18 +43,21 @@ def local_path(path) -> Path | None:
     return Path(p)
 
 
-def projected_size(n_images: int, feature_shape: Sequence[int], flip: bool = False) -> int:
-    """Bytes the features take before compression: n_images * C*H*W * 2 (float16), x2 with flip."""
-    return int(n_images) * _per_image(feature_shape, flip)
+def projected_size(n_images: int, feature_shape: Sequence[int], flip: bool = False, dtype: str = "float16") -> int:
+    """Bytes the maps take as stored, before compression: n_images * (C*H*W * itemsize of dtype, plus
+    C*4 for float8's scale), x2 with flip."""
+    return int(n_images) * _codec.stored_bytes_per_map(feature_shape, _codec.check_dtype(dtype)) * (2 if flip else 1)
 
 
-def _per_image(feature_shape: Sequence[int], flip: bool) -> int:
-    return int(np.prod([int(s) for s in feature_shape])) * FEATURE_DTYPE.itemsize * (2 if flip else 1)
+def is_provably_ours(attrs: dict) -> bool:
+    """Whether a group's / file's attributes prove chx made it: the format-2 marker, or format 1's
+    own attributes (format_version, class_names and fingerprint together)."""
+    return MARKER in attrs or all(k in attrs for k in ("format_version", "class_names", "fingerprint"))
 
 
 @dataclass
 class StudyFeatures:
-    """One study read from a store: its views' feature maps in store order."""
+    """One study read from a store: its views' feature maps in store order, decoded to float16."""
 
     study_id: str
     features: np.ndarray              # [V, C, H, W] float16
@@ -53,110 +68,19 @@ class StudyFeatures:
     split: str
 
 
-def normalise_fingerprint(fingerprint: dict) -> dict:
-    """The fingerprint as it comes back from JSON (tuples -> lists), so stored and given compare equal."""
-    if not isinstance(fingerprint, dict):
-        raise TypeError(f"fingerprint must be a dict, not {type(fingerprint).__name__}")
-    try:
-        return json.loads(json.dumps(fingerprint, sort_keys=True))
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"fingerprint must be JSON-serialisable: {e}") from None
-
-
-def fingerprint_diff(stored: dict, given: dict) -> list[str]:
-    """'field: stored -> given' for every field that differs (missing fields shown as <absent>)."""
-    out = []
-    for k in sorted(set(stored) | set(given)):
-        a, b = stored.get(k, "<absent>"), given.get(k, "<absent>")
-        if a != b:
-            out.append(f"{k}: {a!r} in the store vs {b!r} now")
-    return out
-
-
 @dataclass
-class Layout:
-    """Images sorted by study (CSR): what a new store holds, in store order."""
+class StoredMaps:
+    """Maps of store rows as stored: decode them with :func:`chx.store.decode_maps` (numpy or torch)."""
 
-    image_ids: list[str]
-    views: list[str]
-    splits: list[str]                 # per image
-    study_ids: list[str]
-    study_ptr: np.ndarray             # [n_studies + 1] int64
-    labels: np.ndarray                # [n_studies, K] float32
+    features: np.ndarray              # [n, C, H, W] float16 | uint16 (bfloat16 bits) | uint8 (float8 e4m3)
+    features_flip: np.ndarray | None
+    scale: np.ndarray | None          # [n, 1 or 2 (features, features_flip), C] float32, float8 only
+    dtype: str
 
-    @property
-    def n_images(self) -> int:
-        return len(self.image_ids)
-
-
-def build_layout(image_ids, study_ids, views, splits, labels, class_names) -> Layout:
-    """Validate per-image inputs (any order) and sort them by study: first appearance of each study,
-    then input order inside a study (a stable sort)."""
-    image_ids = [str(x) for x in image_ids]
-    study_ids = [str(x) for x in study_ids]
-    views = ["" if v is None else str(v) for v in views]
-    splits = ["" if s is None else str(s) for s in splits]
-    n = len(image_ids)
-    if n == 0:
-        raise ChxError("cannot create a feature store with no images; check the manifest")
-    lengths = {"study_ids": len(study_ids), "views": len(views), "splits": len(splits), "labels": len(labels)}
-    bad = {k: v for k, v in lengths.items() if v != n}
-    if bad:
-        raise ChxError(f"feature store inputs disagree in length: {n} image_ids but "
-                       + ", ".join(f"{v} {k}" for k, v in bad.items()))
-    if len(set(image_ids)) != n:
-        seen, dup = set(), None
-        for x in image_ids:
-            if x in seen:
-                dup = x
-                break
-            seen.add(x)
-        raise ChxError(f"image_id {dup!r} occurs more than once; image ids must be unique in a feature store")
-    bad_views = [(i, v) for i, v in zip(image_ids, views) if v not in VIEWS]
-    if bad_views:
-        i, v = bad_views[0]
-        raise ChxError(f"image {i!r} has view {v!r}; views must be one of {', '.join(VIEWS)} "
-                       f"({len(bad_views)} image(s) affected)")
-    class_names = [str(c) for c in class_names]
-    labels = np.asarray(labels, dtype=np.float32)
-    if labels.ndim != 2 or labels.shape[1] != len(class_names):
-        raise ChxError(f"labels have shape {labels.shape}, expected ({n}, {len(class_names)}) "
-                       f"for {len(class_names)} class names")
-
-    first: dict[str, int] = {}
-    rank = np.empty(n, dtype=np.int64)
-    for j, s in enumerate(study_ids):
-        rank[j] = first.setdefault(s, len(first))
-    order = np.argsort(rank, kind="stable")
-    counts = np.bincount(rank, minlength=len(first))
-    ptr = np.zeros(len(first) + 1, dtype=np.int64)
-    np.cumsum(counts, out=ptr[1:])
-
-    lab = labels[order]
-    sp = np.asarray(splits, dtype=object)[order]
-    study_of_row = np.repeat(np.arange(len(first)), counts)
-    head = ptr[:-1][study_of_row]
-    a, b = lab, lab[head]
-    same = (a == b) | (np.isnan(a) & np.isnan(b))
-    row_ok = same.all(axis=1) & (sp == sp[head])
-    if not row_ok.all():
-        r = int(np.flatnonzero(~row_ok)[0])
-        what = "split" if sp[r] != sp[head[r]] else "labels"
-        sid = study_ids[order[r]]
-        raise ChxError(f"study {sid!r}: image {image_ids[order[r]]!r} has other {what} than image "
-                       f"{image_ids[order[head[r]]]!r} of the same study; a study's images must share "
-                       f"labels and split (fix the manifest)")
-    return Layout(
-        image_ids=[image_ids[j] for j in order], views=[views[j] for j in order],
-        splits=[splits[j] for j in order], study_ids=list(first), study_ptr=ptr,
-        labels=np.ascontiguousarray(lab[ptr[:-1]], dtype=np.float32))
-
-
-def check_feature_shape(feature_shape) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in feature_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"feature_shape must be (C, H, W) with positive sizes, not {tuple(feature_shape)}")
-    return shape
+    def decoded(self, flip: bool = False):
+        """[n, C, H, W] float16 of the maps (the flipped ones with flip=True)."""
+        raw = self.features_flip if flip else self.features
+        return _codec.decode(raw, self.dtype, None if self.scale is None else self.scale[:, int(flip)])
 
 
 def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
@@ -169,12 +93,79 @@ def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(rows[a]), int(rows[b - 1]) + 1, int(a)) for a, b in zip(starts, stops)]
 
 
+def _sample(xs, n=3) -> str:
+    xs = sorted(xs)
+    return ", ".join(repr(x) for x in xs[:n]) + (", ..." if len(xs) > n else "")
+
+
+def _as_str_list(values) -> list[str]:
+    return ["" if v is None else str(v) for v in values]
+
+
+@dataclass
+class ShardProblem:
+    """One damaged shard found by verify: which, its store rows (start, stop), its first image, what is wrong."""
+
+    shard: int
+    rows: tuple[int, int]
+    first_image: str
+    problem: str
+
+
+@dataclass
+class VerifyReport:
+    """What :meth:`FeatureStore.verify` found: every done shard read back, its checksums compared."""
+
+    path: str
+    n_shards: int
+    checked: int                       # done shards read back
+    checksums: bool                    # False for format 1 (written without checksums)
+    complete: bool
+    not_extracted: list[int] = field(default_factory=list)    # shards never written (an incomplete store)
+    problems: list[ShardProblem] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.not_extracted
+
+    @property
+    def bad_shards(self) -> np.ndarray:
+        """Shards to re-extract: pass them to ``store.mark_shards_missing`` (what ``--repair`` does)."""
+        return np.asarray(sorted({p.shard for p in self.problems}), dtype=np.int64)
+
+    def summary(self) -> str:
+        head = (f"{self.path}: {self.checked:,} of {self.n_shards:,} shards read back"
+                f"{' and checksummed' if self.checksums else ' (format 1: no checksums)'}")
+        if self.ok:
+            return f"{head}: no problems"
+        parts = []
+        if self.problems:
+            parts.append(f"{len(self.bad_shards):,} damaged shard(s); {HINT_REPAIR}")
+        if self.not_extracted:
+            parts.append(f"{len(self.not_extracted):,} shard(s) not extracted yet; rerun `chx extract-features` "
+                         f"to finish the store")
+        return f"{head}: " + "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "ok": self.ok, "n_shards": self.n_shards, "checked": self.checked,
+                "checksums": self.checksums, "complete": self.complete, "not_extracted": self.not_extracted,
+                "problems": [vars(p) for p in self.problems], "bytes_read": self.bytes_read,
+                "seconds": round(self.seconds, 3)}
+
+
 class FeatureStore:
-    """A chx feature store: images ordered by study (CSR), float16 feature maps, a done mask.
+    """A chx feature store: images ordered by study (CSR), feature maps in shards, a done marker per shard.
 
     Open one with :func:`chx.store.open_store` or :func:`chx.store.create_store`; the two backends
     (Zarr directory, HDF5 file) share this interface. Small metadata (ids, views, splits, labels,
-    study pointers) is read once at open; features and the done mask are read on demand.
+    study pointers) is read once at open; maps and done markers are read on demand.
+
+    Shards: store rows [s*S, min((s+1)*S, n)) form shard s (S = ``shard_images``). A writer owns
+    whole shards (:meth:`shards_for_writer`) and writes each at once (:meth:`write_shard`), which
+    marks it done as one unit. Format-1 stores (one object per image, a done flag per image) take
+    the same API with blocks of 64 rows standing in for shards, and also take :meth:`write` of any rows.
     """
 
     backend: str = ""
@@ -185,13 +176,51 @@ class FeatureStore:
         self.mode = mode
         self._index: dict[str, int] | None = None
         self.updated_metadata: list[str] = []   # set by create_store when it refreshed views/splits/labels
-        self._load_metadata()
+        self._open(mode)
+        try:
+            self._attrs = self._check_attrs(self._read_attrs())
+            self._open_arrays(self._array_names())
+            self._check_arrays()
+            self._load_metadata()
+        except BaseException:
+            self.close()
+            raise
 
-    # --------------------------------------------------------------- backend primitives (overridden)
+    # ------------------------------------------------------------------- backend contract (overridden)
+    @classmethod
+    def probe(cls, path: str) -> tuple[str, str]:
+        """What `path` holds now, with a reason: 'absent' (nothing, or an empty folder), 'store' (a
+        usable chx store), 'damaged' (provably a chx store, but broken or half-made: --overwrite may
+        replace it) or 'foreign' (anything else: never replaced)."""
+        raise NotImplementedError
+
+    @classmethod
+    def create(cls, path: str, spec: StoreSpec, replace: bool) -> bool:
+        """Create a store at path; False when another process created one there first (not replace)."""
+        raise NotImplementedError
+
+    def _open(self, mode: str) -> None:
+        raise NotImplementedError
+
     def _read_attrs(self) -> dict:
+        """The attributes as stored now (another process may have marked the store complete)."""
         raise NotImplementedError
 
     def _set_attrs(self, attrs: dict) -> None:
+        raise NotImplementedError
+
+    def _open_arrays(self, names: list[str]) -> None:
+        raise NotImplementedError
+
+    def _array_shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _array_dtype(self, name: str) -> np.dtype:
+        raise NotImplementedError
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the maps are stored compressed (create_store's compress=True)."""
         raise NotImplementedError
 
     def _read_array(self, name: str) -> np.ndarray:
@@ -200,33 +229,114 @@ class FeatureStore:
     def _replace_array(self, name: str, values: np.ndarray) -> None:
         raise NotImplementedError
 
-    def _read_slice(self, name: str, start: int, stop: int) -> np.ndarray:
+    def _read_raw(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Stored rows start..stop-1 of a feature array (or `scale`); may raise ShardFileError."""
+        raise NotImplementedError
+
+    def _fill_if_missing(self, name: str) -> bool:
+        """Whether rows of a missing object read back as zeros (the fill value) instead of raising."""
+        raise NotImplementedError
+
+    def _object_missing(self, name: str, row: int) -> bool:
+        """Whether the object holding `row` of `name` is absent (only asked after an all-zero read)."""
+        raise NotImplementedError
+
+    def _missing_objects(self) -> dict[str, np.ndarray]:
+        """Per feature array, the shards whose object is absent (format 2; {} where it cannot tell cheaply)."""
         raise NotImplementedError
 
     def _write_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        """Format 1: write stored values of sorted, distinct rows."""
         raise NotImplementedError
 
-    def _read_done(self) -> np.ndarray:
+    def _write_shard_raw(self, name: str, shard: int, values: np.ndarray) -> None:
+        """Format 2: write all stored rows of one shard of `name` at once (never a read-modify-write)."""
         raise NotImplementedError
 
-    def _set_done(self, rows: np.ndarray) -> None:
+    def _done_units(self) -> np.ndarray:
+        """Bool done flags as stored now: per row (format 1) or per shard (format 2)."""
         raise NotImplementedError
 
-    def bytes_on_disk(self) -> int | None:
-        """Size of the whole store on disk (None where the storage is not local)."""
+    def _set_done(self, units: np.ndarray, records: np.ndarray | None = None) -> None:
+        """Mark rows (format 1) or shards (format 2, with their [len(units), 4] uint32 done records) done."""
+        raise NotImplementedError
+
+    def _clear_done(self, units: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _shard_records(self, start: int, stop: int) -> np.ndarray:
+        """Format 2: [stop - start, 4] uint32 done records of those shards (DONE_FIELDS; zeros: not done)."""
+        raise NotImplementedError
+
+    def _disk_usage(self) -> tuple[int | None, int | None, int | None]:
+        """(bytes on disk as `du` counts them, logical bytes, number of files) of the whole store;
+        Nones where the storage is not local."""
         raise NotImplementedError
 
     def feature_bytes_on_disk(self) -> int | None:
-        """Stored (compressed) bytes of features (+ features_flip); None where the storage is not local."""
+        """Logical (stored, compressed) bytes of the feature arrays; None where the storage is not local."""
         raise NotImplementedError
 
     def close(self) -> None:
         pass
 
-    # ----------------------------------------------------------------------------------- metadata
+    # --------------------------------------------------------------------------- open-time checks
+    def _check_attrs(self, attrs: dict) -> dict:
+        version = attrs.get("format_version")
+        if version is not None:
+            try:
+                version = int(version)
+            except (TypeError, ValueError):
+                raise ChxError(f"feature store {self.path} has an unreadable format_version {version!r}; "
+                               f"{HINT_RECREATE}") from None
+            if version > FORMAT_VERSION:
+                raise ChxError(f"feature store {self.path} has format version {version}, newer than this "
+                               f"chx reads ({FORMAT_VERSION}); upgrade chx")
+            if version < 1:
+                raise ChxError(f"feature store {self.path} has format version {version}; {HINT_RECREATE}")
+        need = REQUIRED_ATTRS[version if version is not None else (2 if MARKER in attrs else 1)]
+        missing = [a for a in need if a not in attrs]
+        if missing:
+            raise ChxError(f"{self.path} is not a chx feature store, or its creation was interrupted "
+                           f"(attribute(s) {', '.join(missing)} missing); {HINT_RECREATE}")
+        if version >= 2 and attrs["dtype"] not in _codec.DTYPES:
+            raise ChxError(f"feature store {self.path} has dtype {attrs['dtype']!r}, which this chx does not "
+                           f"read ({', '.join(_codec.DTYPES)}); upgrade chx")
+        return attrs
+
+    def _array_names(self) -> list[str]:
+        names = ["features"] + (["features_flip"] if self._attrs.get("flip") else [])
+        if int(self._attrs["format_version"]) >= 2:
+            names += (["scale"] if _codec.has_scale(self._attrs["dtype"]) else []) + ["shard_done"]
+        else:
+            names += ["done"]
+        return names + list(META_ARRAYS)
+
+    def _check_arrays(self) -> None:
+        n = self._array_shape("image_id")[0] if self._array_shape("image_id") else 0
+        shape = tuple(int(s) for s in self._attrs["feature_shape"])
+        version, dtype = int(self._attrs["format_version"]), self._attrs.get("dtype", "float16")
+        expect = {"features": (n, *shape), "features_flip": (n, *shape), "view": (n,), "split": (n,)}
+        if version >= 2:
+            s = int(self._attrs["shard_images"])
+            if s < 1:
+                raise ChxError(f"feature store {self.path} is damaged: shard_images={s}; {HINT_RECREATE}")
+            expect["shard_done"] = (math.ceil(n / s), len(DONE_FIELDS))
+            expect["scale"] = (n, 1 + int(bool(self._attrs["flip"])), shape[0])
+        else:
+            expect["done"] = (n,)
+        for name in self._array_names():
+            have = self._array_shape(name)
+            if name in expect and have != expect[name]:
+                raise ChxError(f"feature store {self.path} is damaged: {name} has shape {have}, expected "
+                               f"{expect[name]}; {HINT_RECREATE}")
+        for name in ("features", "features_flip"):
+            if name in self._array_names() and self._array_dtype(name) != _codec.STORED_NUMPY[dtype]:
+                raise ChxError(f"feature store {self.path} is damaged: {name} is stored as {self._array_dtype(name)}, "
+                               f"not {_codec.STORED_NUMPY[dtype]} ({dtype}); {HINT_RECREATE}")
+
     def _load_metadata(self) -> None:
-        attrs = self._read_attrs()
-        self._attrs = attrs
+        attrs = self._attrs
         self._class_names = [str(c) for c in attrs["class_names"]]
         self._fingerprint = dict(attrs["fingerprint"])
         self._feature_shape = tuple(int(s) for s in attrs["feature_shape"])
@@ -248,6 +358,28 @@ class FeatureStore:
             problems.append(f"labels have shape {self._labels.shape}, expected ({s}, {len(self._class_names)})")
         if problems:
             raise ChxError(f"feature store {self.path} is inconsistent ({'; '.join(problems)}); {HINT_RECREATE}")
+
+    def require_complete(self) -> None:
+        """ChxError (one line) unless the store is complete and, where the backend can tell cheaply
+        (Zarr format 2: one listing per array), every shard object of it exists."""
+        if not self.complete:
+            missing = self.missing_shards()
+            rows = sum(b - a for a, b in map(self.shard_rows, missing))
+            raise ChxError(f"feature store {self.path} is incomplete: {rows:,} of {self.n_images:,} images "
+                           f"({len(missing):,} of {self.n_shards:,} shards) not extracted; finish it with "
+                           f"`chx extract-features` (rerun the same command)")
+        gone = self.shards_without_objects().tolist()
+        if gone:
+            a, _ = self.shard_rows(gone[0])
+            raise ChxError(f"feature store {self.path} is marked complete but the objects of {len(gone):,} shard(s) "
+                           f"are missing (shard {gone[0]}, from image {self._image_ids[a]!r}"
+                           f"{', ...' if len(gone) > 1 else ''}); {HINT_REPAIR}")
+
+    def shards_without_objects(self) -> np.ndarray:
+        """int64 shards with a map object missing, from one listing per array (Zarr format 2; empty
+        where the backend cannot tell cheaply: there, reads and :meth:`verify` find them). The quick
+        check for ``--repair``; :meth:`verify` also finds truncated and changed objects."""
+        return np.asarray(sorted({int(s) for v in self._missing_objects().values() for s in v}), dtype=np.int64)
 
     # --------------------------------------------------------------------------------- properties
     @property
@@ -273,6 +405,25 @@ class FeatureStore:
     @property
     def format_version(self) -> int:
         return int(self._attrs["format_version"])
+
+    @property
+    def is_sharded(self) -> bool:
+        """Format 2: shards are real (one object per shard and array, a done marker per shard)."""
+        return self.format_version >= 2
+
+    @property
+    def dtype(self) -> str:
+        """How maps are stored: float16, bfloat16 or float8 (reads always return float16)."""
+        return str(self._attrs.get("dtype", "float16"))
+
+    @property
+    def shard_images(self) -> int:
+        """Images per shard, S (format 1: 64, the block that stands in for a shard)."""
+        return int(self._attrs["shard_images"]) if self.is_sharded else LEGACY_SHARD_IMAGES
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_images / self.shard_images)
 
     @property
     def study_ids(self) -> list[str]:
@@ -310,24 +461,76 @@ class FeatureStore:
 
     @property
     def nbytes_per_image(self) -> int:
-        """Uncompressed bytes per image: C*H*W*2, x2 with flip."""
-        return _per_image(self._feature_shape, self._has_flip)
+        """Bytes per image as read (decoded float16): C*H*W*2, x2 with flip (what a reader holds in memory)."""
+        return int(np.prod(self._feature_shape)) * _codec.DECODED_DTYPE.itemsize * (2 if self._has_flip else 1)
+
+    @property
+    def stored_bytes_per_image(self) -> int:
+        """Bytes per image as stored, before compression: C*H*W*itemsize (+ C*4 float8 scale), x2 with flip."""
+        return projected_size(1, self._feature_shape, self._has_flip, self.dtype)
 
     @property
     def writable(self) -> bool:
         return self.mode != "r"
 
     @property
+    def complete(self) -> bool:
+        return bool(self._read_attrs().get("complete", False))
+
+    # ------------------------------------------------------------------------------------- shards
+    def shard_rows(self, s: int) -> tuple[int, int]:
+        """Store rows (start, stop) of shard s."""
+        s = int(s)
+        if not 0 <= s < self.n_shards:
+            raise IndexError(f"shard {s} out of range 0..{self.n_shards - 1}")
+        return s * self.shard_images, min((s + 1) * self.shard_images, self.n_images)
+
+    def shard_of_row(self, rows) -> np.ndarray:
+        return np.asarray(rows, dtype=np.int64) // self.shard_images
+
+    def study_shard_ids(self) -> np.ndarray:
+        """int64 [n_studies]: the shard of each study's first image (format 1: blocks of 64 rows).
+        Studies are in store order, so the ids never decrease; a study may run into the next shard."""
+        return self._study_ptr[:-1] // self.shard_images
+
+    def shards_for_writer(self, i: int, n: int) -> np.ndarray:
+        """The shards writer i of n owns: s % n == i (ascending). Disjoint across writers, covering all
+        shards, and stable across reruns with the same n, so a rerun redoes exactly its own shards.
+        Intersect with :meth:`missing_shards` for the work left. ChxError for n > 1 on a backend
+        that takes one writer (HDF5)."""
+        i, n = int(i), int(n)
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"writer {i} of {n}: need n >= 1 and 0 <= i < n")
+        if n > 1 and not self.supports_parallel_writers:
+            raise ChxError(f"{self.backend} feature store {self.path} takes one writer, not {n}: run one "
+                           f"extraction (no --shard/torchrun), or use a Zarr store (a folder path, e.g. "
+                           f"features.zarr) for parallel extraction")
+        return np.arange(i, self.n_shards, n, dtype=np.int64)
+
+    def _shard_done_mask(self) -> np.ndarray:
+        if self.complete:
+            return np.ones(self.n_shards, dtype=bool)
+        units = self._done_units()
+        if self.is_sharded:
+            return units
+        return np.logical_and.reduceat(units, np.arange(0, self.n_images, self.shard_images))
+
+    def missing_shards(self) -> np.ndarray:
+        """int64 shard ids not marked done (read fresh: other writers may add shards)."""
+        return np.flatnonzero(~self._shard_done_mask()).astype(np.int64)
+
+    @property
     def done(self) -> np.ndarray:
-        """Bool [n_images]: which rows hold features (read fresh: other writers may add rows)."""
-        return self._read_done()
+        """Bool [n_images]: which rows hold features (read fresh: other writers may add shards)."""
+        if self.complete:
+            return np.ones(self.n_images, dtype=bool)
+        units = self._done_units()
+        if not self.is_sharded:
+            return units
+        return np.repeat(units, np.diff(np.append(np.arange(0, self.n_images, self.shard_images), self.n_images)))
 
     def missing_rows(self) -> np.ndarray:
         return np.flatnonzero(~self.done).astype(np.int64)
-
-    @property
-    def complete(self) -> bool:
-        return bool(self._read_attrs().get("complete", False))
 
     # ------------------------------------------------------------------------------------ lookups
     def image_index(self, image_ids: Sequence[str]) -> np.ndarray:
@@ -350,26 +553,96 @@ class FeatureStore:
 
     # -------------------------------------------------------------------------------------- reads
     def read_study(self, i: int) -> StudyFeatures:
-        """One study: its images' features in one contiguous read (plus one for the flipped copy)."""
+        """One study: its images' maps [V, C, H, W] float16 in one contiguous read (plus one for the flip)."""
         i = int(i)
         if not 0 <= i < self.n_studies:
             raise IndexError(f"study index {i} out of range 0..{self.n_studies - 1}")
         a, b = int(self._study_ptr[i]), int(self._study_ptr[i + 1])
-        return StudyFeatures(
-            study_id=self._study_ids[i],
-            features=self._read_slice("features", a, b),
-            features_flip=self._read_slice("features_flip", a, b) if self._has_flip else None,
-            views=self._views[a:b], image_ids=self._image_ids[a:b],
-            labels=self._labels[i].copy(), split=self._splits[a])
+        feats, flips = self._read_maps(a, b, self._has_flip)
+        return StudyFeatures(study_id=self._study_ids[i], features=feats, features_flip=flips,
+                             views=self._views[a:b], image_ids=self._image_ids[a:b],
+                             labels=self._labels[i].copy(), split=self._splits[a])
 
     def read_image(self, row: int, flip: bool = False) -> np.ndarray:
-        """Features [C, H, W] float16 of one store row (the flipped copy with flip=True)."""
+        """Maps [C, H, W] float16 of one store row (the flipped copy with flip=True)."""
         row = int(row)
         if not 0 <= row < self.n_images:
             raise IndexError(f"row {row} out of range 0..{self.n_images - 1}")
         if flip and not self._has_flip:
             raise ChxError(f"feature store {self.path} has no flipped features (created without flip)")
-        return self._read_slice("features_flip" if flip else "features", row, row + 1)[0]
+        return self._read_maps(row, row + 1, flip, only_flip=flip)[1 if flip else 0][0]
+
+    def read_shard(self, s: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(maps, flipped maps or None) [rows of shard s, C, H, W] float16: one read per array, the
+        fast path for streaming a store that does not fit in memory (rows: :meth:`shard_rows`)."""
+        a, b = self.shard_rows(s)
+        return self._read_maps(a, b, self._has_flip)
+
+    def read_shard_stored(self, s: int) -> StoredMaps:
+        """Shard s as stored, not decoded (uint16 bfloat16 bits, uint8 float8 codes + their scale):
+        for a reader that decodes where the compute is (``decode_maps`` takes GPU tensors)."""
+        a, b = self.shard_rows(s)
+        return StoredMaps(
+            features=self._read_checked("features", a, b),
+            features_flip=self._read_checked("features_flip", a, b) if self._has_flip else None,
+            scale=self._read_checked("scale", a, b) if _codec.has_scale(self.dtype) else None, dtype=self.dtype)
+
+    def _read_maps(self, a: int, b: int, flip: bool, only_flip: bool = False):
+        scale = self._read_checked("scale", a, b) if _codec.has_scale(self.dtype) else None
+        feats = None if only_flip else _codec.decode(self._read_checked("features", a, b), self.dtype,
+                                                      None if scale is None else scale[:, 0])
+        flips = _codec.decode(self._read_checked("features_flip", a, b), self.dtype,
+                              None if scale is None else scale[:, 1]) if flip else None
+        return feats, flips
+
+    def _read_checked(self, name: str, a: int, b: int) -> np.ndarray:
+        """Stored rows a..b-1 of `name`; a missing or undecodable object is one ChxError naming the image."""
+        try:
+            raw = self._read_raw(name, a, b)
+        except ShardFileError as e:
+            row = a if e.row is None else e.row      # the backend makes e.row a store row
+            if e.missing:
+                raise self._missing_error(name, int(row)) from None
+            raise self._undecodable_error(name, int(row), str(e)) from None
+        except ChxError:
+            raise
+        except Exception as e:  # zarr/h5py/codec errors of a damaged object: find the image at fault
+            raise self._undecodable_error(name, self._first_bad_row(name, a, b), f"{type(e).__name__}: {e}") from None
+        if self._fill_if_missing(name) and b > a:
+            flat = raw.reshape(b - a, -1)
+            flat = flat.view(np.uint64) if flat.shape[1] * flat.itemsize % 8 == 0 else flat.view(np.uint8)
+            for r in np.flatnonzero(~flat.any(axis=1)):   # all zero bits: a real map, or a missing object?
+                row = a + int(r)
+                if not self._row_done(row) or self._object_missing(name, row):
+                    raise self._missing_error(name, row)
+        return raw
+
+    def _first_bad_row(self, name: str, a: int, b: int) -> int:
+        for r in range(a, b):
+            try:
+                self._read_raw(name, r, r + 1)
+            except Exception:
+                return r
+        return a
+
+    def _row_done(self, row: int) -> bool:
+        return bool(self._shard_done_mask()[self.shard_of_row(row)]) if self.is_sharded \
+            else bool(self.complete or self._done_units()[row])
+
+    def _where(self, row: int) -> str:
+        return f"image {self._image_ids[row]!r} (row {row}, shard {int(self.shard_of_row(row))})"
+
+    def _missing_error(self, name: str, row: int) -> ChxError:
+        if not self._row_done(row):
+            return ChxError(f"feature store {self.path}: {self._where(row)} is not extracted yet; finish the "
+                            f"store with `chx extract-features` (rerun the same command)")
+        return ChxError(f"feature store {self.path}: the {name} of {self._where(row)} are missing"
+                        f"{' although the store is marked complete' if self.complete else ''}; {HINT_REPAIR}")
+
+    def _undecodable_error(self, name: str, row: int, reason: str) -> ChxError:
+        reason = " ".join(reason.split())[:200]
+        return ChxError(f"feature store {self.path}: the {name} of {self._where(row)} cannot be read ({reason}); "
+                        f"{HINT_REPAIR} (`chx store verify {self.path}` lists every damaged shard)")
 
     # ------------------------------------------------------------------------------------- writes
     def _require_writable(self, what: str) -> None:
@@ -377,21 +650,30 @@ class FeatureStore:
             raise ChxError(f"feature store {self.path} is open read-only; cannot {what} "
                            f"(open it with mode='r+')")
 
-    def write(self, rows, features, features_flip=None) -> None:
-        """Write features of store rows (cast to float16), then mark those rows done.
-
-        Features go first and the done flags second, so a process killed in between leaves those
-        images not done (they are extracted again on resume)."""
-        self._require_writable("write features")
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    def _check_maps(self, n: int, features, features_flip) -> tuple[np.ndarray, np.ndarray | None]:
         feats = np.asarray(features)
-        shape = (len(rows), *self._feature_shape)
+        shape = (n, *self._feature_shape)
         if feats.shape != shape:
             raise ValueError(f"features have shape {feats.shape}, expected {shape}")
         if self._has_flip and features_flip is None:
             raise ValueError(f"feature store {self.path} holds flipped features: pass features_flip")
         if not self._has_flip and features_flip is not None:
             raise ValueError(f"feature store {self.path} was created without flip: features_flip not allowed")
+        flips = None if features_flip is None else np.asarray(features_flip)
+        if flips is not None and flips.shape != shape:
+            raise ValueError(f"features_flip have shape {flips.shape}, expected {shape}")
+        return feats, flips
+
+    def write(self, rows, features, features_flip=None) -> None:
+        """Write maps [len(rows), C, H, W] (any float dtype) of store rows, then mark them done.
+
+        Format 1: any rows; maps go first and the done flags second, so a process killed in between
+        leaves those images not done (extracted again on resume). Format 2 (sharded): the rows must
+        be whole shards (each is passed to :meth:`write_shard`); a part of a shard is refused, since
+        writing it would mean a read-modify-write of the shard object."""
+        self._require_writable("write features")
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        feats, flips = self._check_maps(len(rows), features, features_flip)
         if len(rows) == 0:
             return
         if rows.min() < 0 or rows.max() >= self.n_images:
@@ -400,16 +682,76 @@ class FeatureStore:
         rows = rows[order]
         if np.any(np.diff(rows) == 0):
             raise ValueError("rows must not repeat in one write")
-        self._write_rows("features", rows, feats[order].astype(FEATURE_DTYPE, copy=False))
-        if features_flip is not None:
-            flips = np.asarray(features_flip)
-            if flips.shape != shape:
-                raise ValueError(f"features_flip have shape {flips.shape}, expected {shape}")
-            self._write_rows("features_flip", rows, flips[order].astype(FEATURE_DTYPE, copy=False))
+        if self.is_sharded:
+            shards, counts = np.unique(self.shard_of_row(rows), return_counts=True)
+            for s, k in zip(shards, counts):    # all checked before anything is written
+                a, b = self.shard_rows(s)
+                if k != b - a:
+                    raise ValueError(f"feature store {self.path} is sharded ({self.shard_images} images per "
+                                     f"shard): rows {a}..{b - 1} (shard {s}) must be written together, got "
+                                     f"{k} of them; buffer a shard's images (ShardBuffer) and call write_shard")
+            for s in shards:
+                a, b = self.shard_rows(s)
+                sel = order[(rows >= a) & (rows < b)]
+                self.write_shard(int(s), feats[sel], None if flips is None else flips[sel])
+            return
+        self._write_rows("features", rows, self._encode(feats[order], rows)[0])
+        if flips is not None:
+            self._write_rows("features_flip", rows, self._encode(flips[order], rows)[0])
         self._set_done(rows)
 
+    def write_shard(self, s: int, features, features_flip=None) -> None:
+        """Write all maps [rows of shard s, C, H, W] (any float dtype; encoded to the store's dtype) of
+        shard s at once, then mark it done with its checksums.
+
+        The done marker is removed first and written last, so a writer killed mid-shard leaves the
+        shard not done (it is redone on resume); each object is written whole under a temp name and
+        renamed (Zarr, local), replaced whole (Zarr through zarr: the old object is deleted first) or
+        written into its rows (HDF5), never read back and patched."""
+        self._require_writable("write features")
+        a, b = self.shard_rows(s)
+        feats, flips = self._check_maps(b - a, features, features_flip)
+        if not self.is_sharded:
+            self.write(np.arange(a, b), feats, flips)
+            return
+        rows = np.arange(a, b)
+        raw, scale = self._encode(feats, rows)
+        raw_flip, scale_flip = self._encode(flips, rows) if flips is not None else (None, None)
+        scales = None if scale is None else np.stack([scale] + ([scale_flip] if flips is not None else []), axis=1)
+        self._clear_done(np.array([s]))
+        self._write_shard_raw("features", s, raw)
+        if raw_flip is not None:
+            self._write_shard_raw("features_flip", s, raw_flip)
+        if scales is not None:
+            self._write_shard_raw("scale", s, scales)
+        record = np.array([[1, _codec.crc32c(raw), _codec.crc32c(raw_flip), _codec.crc32c(scales)]], dtype=np.uint32)
+        self._set_done(np.array([s]), record)
+
+    def _encode(self, maps: np.ndarray, rows: np.ndarray):
+        try:
+            return _codec.encode(maps, self.dtype)
+        except _codec.NonFiniteError as e:
+            raise ChxError(f"feature store {self.path}: the maps of image {self._image_ids[int(rows[e.index])]!r} "
+                           f"hold NaN or inf, which {self.dtype} cannot store; check the backbone checkpoint, "
+                           f"or create the store with --dtype float16") from None
+
+    def mark_shards_missing(self, shards) -> None:
+        """Forget that these shards are done (and that the store is complete), so the next
+        extraction rewrites them: what ``--repair`` does with :attr:`VerifyReport.bad_shards`."""
+        self._require_writable("mark shards missing")
+        shards = np.unique(np.asarray(shards, dtype=np.int64).reshape(-1))
+        if len(shards) == 0:
+            return
+        if shards.min() < 0 or shards.max() >= self.n_shards:
+            raise IndexError(f"shards out of range 0..{self.n_shards - 1}")
+        if self.complete:
+            self._set_attrs({"complete": False})
+            self._attrs["complete"] = False
+        units = shards if self.is_sharded else np.concatenate([np.arange(*self.shard_rows(s)) for s in shards])
+        self._clear_done(units)
+
     def mark_complete(self) -> None:
-        """Set the `complete` attribute; only when every image is done (else ChxError)."""
+        """Set the `complete` attribute; only when every shard is done (else ChxError)."""
         self._require_writable("mark it complete")
         missing = len(self.missing_rows())
         if missing:
@@ -432,25 +774,140 @@ class FeatureStore:
             self._labels, changes = np.asarray(labels, dtype=np.float32).copy(), changes + ["labels"]
         self.updated_metadata = changes
 
+    # ------------------------------------------------------------------------------------- reopen
+    def _reopen(self, spec: StoreSpec, image_ids, study_ids, views, splits, labels,
+                explicit: dict[str, Any]) -> "FeatureStore":
+        """Check this (existing) store against what a create_store call asks for; on a match refresh
+        views/splits/labels from the inputs and return self, else ChxError listing every difference.
+        `explicit`: the layout options the caller set (format_version, shard_images), checked only then."""
+        diffs = []
+        fd = fingerprint_diff(self.fingerprint, spec.fingerprint)
+        if fd:
+            diffs.append("fingerprint field(s) differ: " + "; ".join(fd))
+        if self.feature_shape != spec.feature_shape:
+            diffs.append(f"feature shape {self.feature_shape} in the store vs {spec.feature_shape} now")
+        if self.has_flip != spec.flip:
+            diffs.append(f"flip={self.has_flip} in the store vs flip={spec.flip} now")
+        if self.dtype != spec.dtype:
+            diffs.append(f"dtype {self.dtype} in the store vs {spec.dtype} now")
+        for key, have in (("format_version", self.format_version), ("shard_images", self.shard_images)):
+            if explicit.get(key) is not None and explicit[key] != have:
+                diffs.append(f"{key} {have} in the store vs {explicit[key]} now")
+        if self.class_names != spec.class_names:
+            a, b = self.class_names, spec.class_names
+            pos = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            diffs.append(f"class list differs ({len(a)} classes in the store vs {len(b)} now; first difference "
+                         f"at position {pos}: {a[pos] if pos < len(a) else '<none>'!r} vs "
+                         f"{b[pos] if pos < len(b) else '<none>'!r})")
+        have, want = set(self.image_ids), set(spec.layout.image_ids)
+        rows = None
+        if have != want:
+            only_store, only_new = have - want, want - have
+            parts = []
+            if only_store:
+                parts.append(f"{len(only_store):,} only in the store (e.g. {_sample(only_store)})")
+            if only_new:
+                parts.append(f"{len(only_new):,} not in the store (e.g. {_sample(only_new)})")
+            diffs.append(f"images differ: {'; '.join(parts)}")
+        else:
+            rows = self.image_index([str(x) for x in image_ids])
+            stored_study = np.repeat(np.asarray(self.study_ids, dtype=object), np.diff(self.study_ptr))
+            moved = [str(image_ids[j]) for j, r in enumerate(rows) if stored_study[r] != str(study_ids[j])]
+            if moved:
+                diffs.append(f"images differ: {len(moved):,} belong to another study now (e.g. {_sample(moved)})")
+        if diffs:
+            raise ChxError(f"feature store {self.path} was made differently: {' | '.join(diffs)}; "
+                           f"use --overwrite to replace it (or choose another store path)")
+        # Same images and studies: bring views/splits/labels to store order and refresh any that changed.
+        new_views = [""] * self.n_images
+        new_splits = [""] * self.n_images
+        for r, v, s in zip(rows, _as_str_list(views), _as_str_list(splits)):
+            new_views[r], new_splits[r] = v, s
+        lab = np.asarray(labels, dtype=np.float32)
+        study_row = {sid: i for i, sid in enumerate(self.study_ids)}
+        new_labels = np.empty_like(self.labels)
+        for j, sid in enumerate(study_ids):
+            new_labels[study_row[str(sid)]] = lab[j]
+        self._update_metadata(new_views, new_splits, new_labels)
+        return self
+
+    # ------------------------------------------------------------------------------------- verify
+    def verify(self) -> VerifyReport:
+        """Read every done shard back (every array), check its stored CRC-32C checksums (format 2)
+        and report what is missing, undecodable or changed. Never raises for a damaged shard."""
+        t0 = time.perf_counter()
+        done = self._shard_done_mask()
+        records = self._readable_records() if self.is_sharded else None
+        names = ["features"] + (["features_flip"] if self._has_flip else []) \
+            + (["scale"] if _codec.has_scale(self.dtype) else [])
+        report = VerifyReport(self.path, self.n_shards, 0, records is not None, self.complete,
+                              not_extracted=[int(s) for s in np.flatnonzero(~done)])
+        for s in np.flatnonzero(done):
+            a, b = self.shard_rows(s)
+            report.checked += 1
+            for name in names:
+                try:
+                    raw = self._read_checked(name, a, b)
+                except ChxError as e:
+                    report.problems.append(ShardProblem(int(s), (a, b), self._image_ids[a], str(e)))
+                    continue
+                report.bytes_read += raw.nbytes
+                if records is not None and records[s, 0] == 1:
+                    want, got = int(records[s, DONE_FIELDS.index(name)]), _codec.crc32c(raw)
+                    if want != got:
+                        report.problems.append(ShardProblem(
+                            int(s), (a, b), self._image_ids[a],
+                            f"{name} of shard {s} (rows {a}..{b - 1}) changed since it was written "
+                            f"(CRC-32C {got:08x}, written {want:08x})"))
+                elif records is not None:
+                    report.problems.append(ShardProblem(int(s), (a, b), self._image_ids[a],
+                                                        f"shard {s} has no readable done marker (checksums lost)"))
+                    break
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _readable_records(self) -> np.ndarray:
+        """All done records; a damaged one reads as zeros (verify then reports its checksums lost)."""
+        try:
+            return self._shard_records(0, self.n_shards)
+        except Exception:
+            out = np.zeros((self.n_shards, len(DONE_FIELDS)), dtype=np.uint32)
+            for s in range(self.n_shards):
+                try:
+                    out[s] = self._shard_records(s, s + 1)[0]
+                except Exception:
+                    pass
+            return out
+
     # ---------------------------------------------------------------------------------- reporting
     def info(self) -> dict[str, Any]:
-        """Figures for `chx store info`."""
+        """Figures for `chx store info`: layout, dtype, bytes per image, sizes (real on disk as `du`
+        counts them, and logical), objects, progress."""
         done = int(self.done.sum())
         counts = np.diff(self._study_ptr)
         vals, freq = np.unique(counts, return_counts=True)
-        on_disk = self.bytes_on_disk()
+        on_disk, logical, files = self._disk_usage()
         feat_disk = self.feature_bytes_on_disk()
-        uncompressed = done * self.nbytes_per_image      # features written so far, as float16
+        stored = done * self.stored_bytes_per_image      # maps written so far, as stored before compression
         return {
             "path": self.path, "backend": self.backend, "format_version": self.format_version,
+            "layout": (f"sharded: {self.shard_images} images per shard object" if self.is_sharded
+                       else "one object per image (format 1)"),
+            "shard_images": self.shard_images, "shards": self.n_shards,
+            "missing_shards": int(len(self.missing_shards())),
+            "shards_without_objects": int(len(self.shards_without_objects())),
             "images": self.n_images, "studies": self.n_studies,
             "views_per_study": {int(v): int(f) for v, f in zip(vals, freq)},
             "splits": dict(Counter(self.study_splits)), "split_images": dict(Counter(self._splits)),
-            "feature_shape": list(self._feature_shape), "dtype": str(FEATURE_DTYPE), "flip": self._has_flip,
-            "bytes_on_disk": on_disk, "bytes_uncompressed": uncompressed,
-            "bytes_projected": projected_size(self.n_images, self._feature_shape, self._has_flip),
+            "feature_shape": list(self._feature_shape), "dtype": self.dtype, "flip": self._has_flip,
+            "compressed": self.compressed, "checksums": _codec.CHECKSUM if self.is_sharded else None,
+            "bytes_per_image": self.stored_bytes_per_image, "bytes_per_image_decoded": self.nbytes_per_image,
+            "bytes_on_disk": on_disk, "bytes_logical": logical, "files": files,
+            "files_per_image": (files / self.n_images) if files else None,
+            "bytes_uncompressed": stored,
+            "bytes_projected": projected_size(self.n_images, self._feature_shape, self._has_flip, self.dtype),
             "feature_bytes_on_disk": feat_disk,
-            "compression_ratio": (uncompressed / feat_disk) if feat_disk and uncompressed else None,
+            "compression_ratio": (stored / feat_disk) if feat_disk and stored else None,
             "fingerprint": self.fingerprint, "class_names": self.class_names,
             "done": done, "complete": self.complete,
         }
@@ -463,5 +920,5 @@ class FeatureStore:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"<FeatureStore {self.backend} {self.path!r} mode={self.mode!r} images={self.n_images} "
-                f"studies={self.n_studies} shape={self._feature_shape}>")
+        return (f"<FeatureStore {self.backend} v{self.format_version} {self.path!r} mode={self.mode!r} "
+                f"images={self.n_images} studies={self.n_studies} shape={self._feature_shape} {self.dtype}>")

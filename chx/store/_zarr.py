@@ -1,12 +1,21 @@
 """Zarr v3 backend: a directory (local path) or any fsspec URL (memory://, s3://, file://...).
 
-Every image is its own chunk of `features` (and `features_flip`, `done`), so processes writing
-disjoint images never touch the same object: shard-parallel extraction into one store is safe.
+Format 2 (new stores): ``features`` (and ``features_flip``, and float8's ``scale``) use Zarr's
+sharding codec: one object per shard of S consecutive store rows, inner chunk = one image, and a
+done marker per shard (``shard_done``: one tiny object holding the shard's CRC-32C checksums). A
+writer owns whole shards, so processes writing disjoint shards never touch the same object.
+Chunk keys use the "." separator (``features/c.12.0.0.0``), so one listing of an array's folder
+shows which shards exist. Uncompressed arrays on a local disk are read and written directly
+(chx/store/_shardfile.py; the same bytes zarr writes), everything else through zarr.
+
+Format 1 (older stores, still read and written): one chunk per image of ``features``,
+``features_flip`` and ``done`` (keys ``done/c/<row>``).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import uuid
@@ -15,11 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from chx.errors import ChxError
-from chx.store._base import (FEATURE_DTYPE, FORMAT_VERSION, HINT_RECREATE, REQUIRED_ARRAYS, REQUIRED_ATTRS,
-                             FeatureStore, Layout, contiguous_runs, local_path)
+from chx.store import _codec, _shardfile
+from chx.store._base import (DONE_FIELDS, HINT_RECREATE, META_ARRAYS, FeatureStore, contiguous_runs, is_provably_ours,
+                             local_path)
+from chx.store._layout import MARKER, StoreSpec
 
 META_CHUNK = 65536                     # elements per chunk of the small per-image/per-study arrays
-KEY_ENCODING = {"name": "default", "separator": "/"}   # chunk i of `done` is the key done/c/i
+KEY_V1 = {"name": "default", "separator": "/"}   # format 1: chunk i of `done` is the key done/c/i
+KEY_V2 = {"name": "default", "separator": "."}   # format 2: shard s of `features` is features/c.s.0.0.0
+MAP_ARRAYS = ("features", "features_flip", "scale")
+# Every entry chx puts at a store's top level; anything else there is the user's.
+OWNED_ENTRIES = frozenset(("zarr.json", "done", "shard_done", *MAP_ARRAYS, *META_ARRAYS))
 
 
 def _make_store(path: str, read_only: bool):
@@ -53,51 +68,94 @@ def _open_group(store, path: str, mode: str):
                        f"{HINT_RECREATE}") from None
 
 
+def _sync(coro):
+    from zarr.core.sync import sync  # zarr's own bridge to its async store API
+
+    return sync(coro)
+
+
+def _is_temp(name: str) -> bool:
+    return name.endswith(".partial")   # a writer's leftover temp file (zarr's and _shardfile's pattern)
+
+
 class ZarrFeatureStore(FeatureStore):
     backend = "zarr"
     supports_parallel_writers = True
 
-    def __init__(self, path: str, mode: str = "r"):
+    # ----------------------------------------------------------------------------------- contract
+    @classmethod
+    def probe(cls, path: str) -> tuple[str, str]:
         local = local_path(path)
-        if local is not None and not local.exists():
-            raise ChxError(f"no feature store at {path}; check the path or create it with `chx extract-features`")
-        if local is not None and not local.is_dir():
-            raise ChxError(f"{path} is a file, not a Zarr feature store (a directory); for an HDF5 store "
-                           f"name the file *.h5")
-        self._local = local
-        self._zstore = _make_store(path, read_only=(mode == "r"))
-        self._group = _open_group(self._zstore, path, "r" if mode == "r" else "r+")
-        self._arrays: dict = {}
-        attrs = self._group.attrs.asdict()
-        missing = [a for a in REQUIRED_ATTRS if a not in attrs]
-        if missing:
-            raise ChxError(f"{path} is not a chx feature store, or its creation was interrupted "
-                           f"(attribute(s) {', '.join(missing)} missing); {HINT_RECREATE}")
-        if int(attrs["format_version"]) > FORMAT_VERSION:
-            raise ChxError(f"feature store {path} has format version {attrs['format_version']}, newer than this "
-                           f"chx reads ({FORMAT_VERSION}); upgrade chx")
-        names = list(REQUIRED_ARRAYS) + (["features_flip"] if attrs.get("flip") else [])
-        for name in names:
-            try:
-                self._arrays[name] = self._group[name]
-            except Exception as e:  # KeyError, or broken array metadata
-                raise ChxError(f"feature store {path} is damaged: array {name!r} cannot be opened "
-                               f"({type(e).__name__}: {e}); {HINT_RECREATE}") from None
-        n = self._arrays["features"].shape[0]
-        expect = (n, *(int(s) for s in attrs["feature_shape"]))
-        for name in names:
-            shape = self._arrays[name].shape
-            if name in ("features", "features_flip") and shape != expect:
-                raise ChxError(f"feature store {path} is damaged: {name} has shape {shape}, expected {expect}; "
-                               f"{HINT_RECREATE}")
-            if name in ("image_id", "view", "split", "done") and shape != (n,):
-                raise ChxError(f"feature store {path} is damaged: {name} has shape {shape}, expected ({n},); "
-                               f"{HINT_RECREATE}")
-        super().__init__(path, mode)
+        if local is not None:
+            if not local.exists() or (local.is_dir() and not any(local.iterdir())):
+                return "absent", ""
+            if not local.is_dir():
+                return "foreign", "it is a file, not a folder"
+        elif not _remote_exists(path):
+            return "absent", ""
+        attrs = _root_attrs(path)
+        if attrs is None:
+            return "foreign", "no readable zarr.json with chx's format attributes"
+        if not is_provably_ours(attrs):
+            return "foreign", "its zarr.json lacks chx's format attributes"
+        alien = _alien_entries(path)
+        if alien:
+            more = ", ..." if len(alien) > 3 else ""
+            return "foreign", f"it holds entries chx did not make: {', '.join(alien[:3])}{more}"
+        try:
+            cls(path, "r").close()
+            return "store", ""
+        except ChxError as e:
+            return "damaged", str(e)
+
+    @classmethod
+    def create(cls, path: str, spec: StoreSpec, replace: bool) -> bool:
+        local = local_path(path)
+        if local is None:
+            # Object storage has no rename: the attributes (format_version among them) are written last.
+            _populate(_make_store(path, read_only=False), spec)
+            return True
+        # Local: build beside the target under a temp name, then rename it into place.
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tag = uuid.uuid4().hex[:12]
+        tmp = local.parent / f".{local.name}.tmp-{tag}"
+        try:
+            from zarr.storage import LocalStore
+
+            _populate(LocalStore(tmp), spec)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if replace and local.exists() and any(local.iterdir()):
+            old = local.parent / f".{local.name}.old-{tag}"
+            os.rename(local, old)
+            os.rename(tmp, local)
+            shutil.rmtree(old, ignore_errors=True)
+            return True
+        try:
+            os.rename(tmp, local)   # replaces an empty directory; fails on a non-empty one
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                return False
+            raise
+        return True
 
     # ----------------------------------------------------------------------------------- primitives
+    def _open(self, mode: str) -> None:
+        local = local_path(self.path)
+        if local is not None and not local.exists():
+            raise ChxError(f"no feature store at {self.path}; check the path or create it with "
+                           f"`chx extract-features`")
+        if local is not None and not local.is_dir():
+            raise ChxError(f"{self.path} is a file, not a Zarr feature store (a directory); for an HDF5 store "
+                           f"name the file *.h5")
+        self._local = local
+        self._zstore = _make_store(self.path, read_only=(mode == "r"))
+        self._group = _open_group(self._zstore, self.path, "r" if mode == "r" else "r+")
+        self._arrays: dict = {}
+
     def _read_attrs(self) -> dict:
-        # Re-read the group metadata: another process may have marked the store complete.
         import zarr
 
         try:
@@ -107,6 +165,23 @@ class ZarrFeatureStore(FeatureStore):
 
     def _set_attrs(self, attrs: dict) -> None:
         self._group.attrs.update(attrs)
+
+    def _open_arrays(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                # write_empty_chunks: an all-zero map is still stored, so a missing object always means lost data
+                self._arrays[name] = self._group[name].with_config({"write_empty_chunks": True})
+            except Exception as e:  # KeyError, or broken array metadata
+                raise ChxError(f"feature store {self.path} is damaged: array {name!r} cannot be opened "
+                               f"({type(e).__name__}: {e}); {HINT_RECREATE}") from None
+        self._direct_names = {n for n in names if n in MAP_ARRAYS and self._local is not None
+                              and int(self._attrs["format_version"]) >= 2 and not self._arrays[n].compressors}
+
+    def _array_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._arrays[name].shape)
+
+    def _array_dtype(self, name: str) -> np.dtype:
+        return np.dtype(self._arrays[name].dtype)
 
     def _read_array(self, name: str) -> np.ndarray:
         try:
@@ -118,8 +193,76 @@ class ZarrFeatureStore(FeatureStore):
     def _replace_array(self, name: str, values: np.ndarray) -> None:
         self._arrays[name][...] = values
 
-    def _read_slice(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self._arrays[name][start:stop]
+    @property
+    def compressed(self) -> bool:
+        return bool(self._arrays["features"].compressors)
+
+    def _key(self, name: str, row: int) -> str:
+        """The object key holding `row` of `name` (its shard's key in format 2)."""
+        arr = self._arrays[name]
+        chunk = (int(row) // int(arr.metadata.chunk_grid.chunk_shape[0]),) + (0,) * (arr.ndim - 1)
+        return f"{name}/{arr.metadata.encode_chunk_key(chunk)}"
+
+    def _read_raw(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name not in self._direct_names:
+            return self._arrays[name][start:stop]
+        arr, s_img = self._arrays[name], self.shard_images
+        parts = []
+        for s in range(start // s_img, (stop - 1) // s_img + 1):
+            lo, hi = max(start, s * s_img) - s * s_img, min(stop, (s + 1) * s_img) - s * s_img
+            try:
+                parts.append(_shardfile.read_rows(self._local / self._key(name, s * s_img), lo, hi, s_img,
+                                                  tuple(arr.shape[1:]), arr.dtype))
+            except _shardfile.ShardFileError as e:
+                e.row = s * s_img + (lo if e.row is None else e.row)
+                raise
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _fill_if_missing(self, name: str) -> bool:
+        return name not in self._direct_names
+
+    def _object_missing(self, name: str, row: int) -> bool:
+        return not _sync(self._zstore.exists(self._key(name, row)))
+
+    def _chunk_ids(self, name: str) -> np.ndarray | None:
+        """First chunk coordinates of the objects `name` holds, from one listing (None if unlistable)."""
+        nested = self._arrays[name].metadata.chunk_key_encoding.separator == "/"
+        try:
+            if self._local is not None:
+                folder = self._local / name / ("c" if nested else "")
+                try:
+                    names = [e.name for e in os.scandir(folder)]
+                except FileNotFoundError:
+                    names = []
+            else:
+                async def keys():
+                    return [k async for k in self._zstore.list_prefix(f"{name}/c/" if nested else f"{name}/")]
+
+                names = [k.split("/", 1)[1] for k in _sync(keys())]
+                if nested:
+                    names = [k.split("/")[1] for k in names]
+        except Exception:
+            return None
+        if nested:   # format 1: one folder (or file) per first coordinate under c/
+            idx = [int(x) for x in names if x.isdigit()]
+        else:
+            ndim = self._arrays[name].ndim
+            parts = [x.split(".") for x in names if x.startswith("c.") and not _is_temp(x)]
+            idx = [int(p[1]) for p in parts if len(p) == ndim + 1 and all(q.isdigit() for q in p[1:])]
+        return np.asarray(idx, dtype=np.int64)
+
+    def _missing_objects(self) -> dict[str, np.ndarray]:
+        if not self.is_sharded:
+            return {}
+        out = {}
+        for name in (n for n in MAP_ARRAYS if n in self._arrays):
+            have = self._chunk_ids(name)
+            if have is not None:
+                present = np.zeros(self.n_shards, dtype=bool)
+                present[have[have < self.n_shards]] = True
+                if not present.all():
+                    out[name] = np.flatnonzero(~present)
+        return out
 
     def _write_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
         arr = self._arrays[name]
@@ -129,60 +272,55 @@ class ZarrFeatureStore(FeatureStore):
         else:  # one call, so zarr writes the (separate) chunks concurrently
             arr.oindex[(rows,) + (slice(None),) * (values.ndim - 1)] = values
 
-    def _set_done(self, rows: np.ndarray) -> None:
+    def _write_shard_raw(self, name: str, shard: int, values: np.ndarray) -> None:
+        a, b = self.shard_rows(shard)
+        if name in self._direct_names:
+            _shardfile.write_shard(self._local / self._key(name, a), values, self.shard_images)
+            return
+        # Through zarr: delete the old object first, so zarr has nothing to read back and merge.
+        _sync(self._zstore.delete(self._key(name, a)))
+        self._arrays[name][a:b] = values
+
+    def _done_units(self) -> np.ndarray:
+        name = "shard_done" if self.is_sharded else "done"
+        n = self._arrays[name].shape[0]
+        listed = self._chunk_ids(name)   # done chunks only ever hold non-fill values: existence = done
+        if listed is None:
+            values = np.asarray(self._arrays[name][...])
+            return (values[:, 0] if values.ndim == 2 else values) != 0
+        out = np.zeros(n, dtype=bool)
+        out[listed[listed < n]] = True
+        return out
+
+    def _set_done(self, units: np.ndarray, records: np.ndarray | None = None) -> None:
+        if self.is_sharded:
+            for s, rec in zip(units, records):
+                self._arrays["shard_done"][int(s)] = rec
+            return
         arr = self._arrays["done"]
-        runs = contiguous_runs(rows)
+        runs = contiguous_runs(units)
         if len(runs) == 1:
             arr[runs[0][0]:runs[0][1]] = 1
         else:
-            arr.oindex[rows] = np.ones(len(rows), dtype=np.uint8)
+            arr.oindex[units] = np.ones(len(units), dtype=np.uint8)
 
-    def _read_done(self) -> np.ndarray:
-        n = self._arrays["done"].shape[0]
-        if self._read_attrs().get("complete"):
-            return np.ones(n, dtype=bool)
-        listed = self._done_from_listing(n)
-        if listed is not None:
-            return listed
-        return np.asarray(self._arrays["done"][...]) != 0
+    def _clear_done(self, units: np.ndarray) -> None:
+        name = "shard_done" if self.is_sharded else "done"
+        for u in units:
+            _sync(self._zstore.delete(self._key(name, int(u))))
 
-    def _done_from_listing(self, n: int) -> np.ndarray | None:
-        """`done` has one chunk per image and only ever receives 1s (never the fill value 0), so an image
-        is done exactly when its chunk object exists: listing keys beats reading n tiny objects."""
-        arr = self._arrays["done"]
-        enc = arr.metadata.chunk_key_encoding
-        if tuple(arr.chunks) != (1,) or getattr(enc, "separator", None) != "/" \
-                or type(enc).__name__ != "DefaultChunkKeyEncoding":
-            return None
-        try:
-            if self._local is not None:
-                try:
-                    names = [e.name for e in os.scandir(self._local / "done" / "c")]
-                except FileNotFoundError:
-                    names = []
-            else:
-                from zarr.core.sync import sync  # zarr's own bridge to its async store API
+    def _shard_records(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self._arrays["shard_done"][start:stop], dtype=np.uint32).reshape(-1, len(DONE_FIELDS))
 
-                async def keys():
-                    return [k async for k in self._zstore.list_prefix("done/c/")]
-
-                names = [k.rsplit("/", 1)[-1] for k in sync(keys())]
-        except Exception:
-            return None
-        out = np.zeros(n, dtype=bool)
-        idx = [int(s) for s in names if s.isdigit()]   # skips a writer's leftover *.partial temp files
-        if idx:
-            idx_arr = np.asarray(idx, dtype=np.int64)
-            out[idx_arr[idx_arr < n]] = True
-        return out
-
-    def bytes_on_disk(self) -> int | None:
-        return None if self._local is None else _du(self._local)
+    def _disk_usage(self):
+        if self._local is None:
+            return None, None, None
+        return _du(self._local)
 
     def feature_bytes_on_disk(self) -> int | None:
         if self._local is None:
             return None
-        return sum(_du(self._local / n) for n in ("features", "features_flip") if n in self._arrays)
+        return sum(_du(self._local / n)[1] for n in MAP_ARRAYS if n in self._arrays)
 
     def close(self) -> None:
         try:
@@ -191,107 +329,112 @@ class ZarrFeatureStore(FeatureStore):
             pass
 
 
-def _du(folder: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(folder):
-        for f in files:
+def _du(folder: Path) -> tuple[int, int, int]:
+    """(bytes on disk as `du` counts them: st_blocks * 512 of every file and folder, logical bytes of
+    the files: st_size, number of files) under folder."""
+    blocks = size = files = 0
+    for root, _dirs, names in os.walk(folder):
+        try:
+            blocks += os.stat(root).st_blocks * 512      # folders take blocks too (format 1: 3 per image)
+        except OSError:
+            pass
+        for f in names:
             try:
-                total += os.stat(os.path.join(root, f)).st_size
+                st = os.stat(os.path.join(root, f))
             except OSError:
-                pass
-    return total
+                continue
+            blocks, size, files = blocks + st.st_blocks * 512, size + st.st_size, files + 1
+    return blocks, size, files
 
 
-# ------------------------------------------------------------------------------------------ creation
-def probe(path: str) -> tuple[str, str]:
-    """('store'|'absent'|'invalid'|'foreign', reason) for what `path` holds now."""
-    try:
-        ZarrFeatureStore(path, "r").close()
-        return "store", ""
-    except ChxError as e:
-        reason = str(e)
-    local = local_path(path)
-    if local is not None:
-        if not local.exists():
-            return "absent", ""
-        if local.is_dir() and not any(local.iterdir()):
-            return "absent", ""
-        if local.is_dir() and any((local / n).exists() for n in ("zarr.json",) + REQUIRED_ARRAYS):
-            return "invalid", reason   # a damaged or half-made Zarr store: --overwrite may replace it
-        return "foreign", reason
+# ------------------------------------------------------------------------------------ probing helpers
+def _remote_exists(path: str) -> bool:
     try:
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(str(path))
-        if not fs.exists(root):
-            return "absent", ""
-        if fs.exists(root.rstrip("/") + "/zarr.json"):
-            return "invalid", reason
-        if fs.isdir(root) and not fs.ls(root):
-            return "absent", ""
+        return fs.exists(root) and not (fs.isdir(root) and not fs.ls(root))
     except Exception:
-        pass
-    return "foreign", reason
+        return True   # cannot tell: treat as present, so nothing is replaced unseen
 
 
-def _populate(store, layout: Layout, class_names: list[str], feature_shape, fingerprint: dict, flip: bool,
-              compress: bool = False) -> None:
+def _root_attrs(path: str) -> dict | None:
+    """The root zarr.json's attributes, or None when it is missing or unreadable."""
+    try:
+        local = local_path(path)
+        if local is not None:
+            text = (local / "zarr.json").read_text()
+        else:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(str(path))
+            text = fs.cat_file(root.rstrip("/") + "/zarr.json").decode()
+        attrs = json.loads(text).get("attributes", {})
+        return attrs if isinstance(attrs, dict) else None
+    except Exception:
+        return None
+
+
+def _alien_entries(path: str) -> list[str]:
+    """Entries of a store folder that chx did not make (top level, and inside its array folders)."""
+    local = local_path(path)
+    try:
+        if local is not None:
+            top = {e.name: e.is_dir() for e in os.scandir(local)}
+            inner = {n: [e.name for e in os.scandir(local / n)] for n, is_dir in top.items()
+                     if is_dir and n in OWNED_ENTRIES}
+        else:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(str(path))
+            listing = fs.ls(root, detail=True)
+            top = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["type"] == "directory" for e in listing}
+            inner = {n: [x.rstrip("/").rsplit("/", 1)[-1] for x in fs.ls(root.rstrip("/") + "/" + n, detail=False)]
+                     for n, is_dir in top.items() if is_dir and n in OWNED_ENTRIES}
+    except Exception:   # cannot list: nothing is known to be the user's (the attributes proved the store)
+        return []
+    alien = [n for n in top if n not in OWNED_ENTRIES and not _is_temp(n)]
+    for folder, names in inner.items():
+        alien += [f"{folder}/{x}" for x in names if not (x == "zarr.json" or x == "c" or x.startswith("c.")
+                                                          or _is_temp(x))]
+    return sorted(alien)
+
+
+# ------------------------------------------------------------------------------------------ creation
+def _populate(store, spec: StoreSpec) -> None:
     """Write a new store's arrays, then its attributes in one final metadata write (format_version
-    with them), so an interrupted creation never looks like a valid store."""
+    with them), so an interrupted creation never looks like a valid store; the marker attribute
+    goes first, so it is still provably chx's (and --overwrite may replace it)."""
     import zarr
 
-    n, s, k = layout.n_images, len(layout.study_ids), len(class_names)
-    g = zarr.open_group(store=store, mode="w")
+    lay, (c, h, w) = spec.layout, spec.feature_shape
+    n, s, k = lay.n_images, len(lay.study_ids), len(spec.class_names)
+    v2 = spec.format_version >= 2
+    enc = KEY_V2 if v2 else KEY_V1
+    g = zarr.open_group(store=store, mode="w", attributes={MARKER: True})
     mc = lambda m: (max(1, min(m, META_CHUNK)),)  # noqa: E731
-    for name in ["features"] + (["features_flip"] if flip else []):
-        g.create_array(name, shape=(n, *feature_shape), dtype=FEATURE_DTYPE, chunks=(1, *feature_shape),
-                       fill_value=0, chunk_key_encoding=KEY_ENCODING,
-                       compressors="auto" if compress else None)   # "auto": zarr's default, zstd
-    g.create_array("done", shape=(n,), dtype="uint8", chunks=(1,), fill_value=0, chunk_key_encoding=KEY_ENCODING,
-                   compressors=None)
-    for name, values, count in (("image_id", layout.image_ids, n), ("view", layout.views, n),
-                                ("split", layout.splits, n), ("study_id", layout.study_ids, s)):
-        a = g.create_array(name, shape=(count,), dtype=str, chunks=mc(count), chunk_key_encoding=KEY_ENCODING)
+    stored = _codec.STORED_NUMPY[spec.dtype]
+    for name in spec.feature_arrays:
+        g.create_array(name, shape=(n, c, h, w), dtype=stored, chunks=(1, c, h, w),
+                       shards=(spec.shard_images, c, h, w) if v2 else None, fill_value=0, chunk_key_encoding=enc,
+                       compressors="auto" if spec.compress else None)   # "auto": zarr's default, zstd
+    if v2:
+        if _codec.has_scale(spec.dtype):
+            nf = len(spec.feature_arrays)
+            g.create_array("scale", shape=(n, nf, c), dtype="float32", chunks=(1, nf, c),
+                           shards=(spec.shard_images, nf, c), fill_value=0, chunk_key_encoding=enc, compressors=None)
+        g.create_array("shard_done", shape=(spec.n_shards, len(DONE_FIELDS)), dtype="uint32",
+                       chunks=(1, len(DONE_FIELDS)), fill_value=0, chunk_key_encoding=enc, compressors=None)
+    else:
+        g.create_array("done", shape=(n,), dtype="uint8", chunks=(1,), fill_value=0, chunk_key_encoding=enc,
+                       compressors=None)
+    for name, values, count in (("image_id", lay.image_ids, n), ("view", lay.views, n),
+                                ("split", lay.splits, n), ("study_id", lay.study_ids, s)):
+        a = g.create_array(name, shape=(count,), dtype=str, chunks=mc(count), chunk_key_encoding=enc)
         a[...] = np.asarray(values, dtype=object)
-    a = g.create_array("study_ptr", shape=(s + 1,), dtype="int64", chunks=(s + 1,), chunk_key_encoding=KEY_ENCODING)
-    a[...] = layout.study_ptr
+    a = g.create_array("study_ptr", shape=(s + 1,), dtype="int64", chunks=(s + 1,), chunk_key_encoding=enc)
+    a[...] = lay.study_ptr
     a = g.create_array("labels", shape=(s, k), dtype="float32", chunks=(mc(s)[0], max(k, 1)),
-                       fill_value=float("nan"), chunk_key_encoding=KEY_ENCODING)
-    a[...] = layout.labels
-    g.attrs.update({"class_names": class_names, "fingerprint": fingerprint, "feature_shape": list(feature_shape),
-                    "flip": bool(flip), "complete": False, "format_version": FORMAT_VERSION})
-
-
-def create(path: str, layout: Layout, class_names, feature_shape, fingerprint, flip: bool, replace: bool,
-           compress: bool = False) -> bool:
-    """Create a store at path; False when another process created one there first (not replace)."""
-    local = local_path(path)
-    if local is None:
-        # Object storage has no rename: the attributes (format_version among them) are written last.
-        _populate(_make_store(path, read_only=False), layout, class_names, feature_shape, fingerprint, flip, compress)
-        return True
-    # Local: build beside the target under a temp name, then rename it into place.
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
-    tmp = local.parent / f".{local.name}.tmp-{tag}"
-    try:
-        from zarr.storage import LocalStore
-
-        _populate(LocalStore(tmp), layout, class_names, feature_shape, fingerprint, flip, compress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if replace and local.exists() and any(local.iterdir()):
-        old = local.parent / f".{local.name}.old-{tag}"
-        os.rename(local, old)
-        os.rename(tmp, local)
-        shutil.rmtree(old, ignore_errors=True)
-        return True
-    try:
-        os.rename(tmp, local)   # replaces an empty directory; fails on a non-empty one
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            return False
-        raise
-    return True
+                       fill_value=float("nan"), chunk_key_encoding=enc)
+    a[...] = lay.labels
+    g.attrs.update(spec.attrs())

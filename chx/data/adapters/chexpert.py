@@ -10,8 +10,8 @@ Mapping:
   its suffix and its leading dataset/split folders (``patient00001/study1/view1_frontal``; train and
   valid patients are disjoint, and the split folder is kept in front should ids collide);
   path = ``Path`` as given (``--images`` resolves it under any root).
-- view: Lateral -> LATERAL; Frontal with AP -> AP, with PA -> PA, with anything else (LL 16,
-  RL 1 in train) -> OTHER.
+- view: through :mod:`chx.data.views`: Lateral -> LATERAL; Frontal with AP/PA -> AP or PA;
+  a frontal image whose AP/PA names no frontal view (LL 16, RL 1 in train) -> OTHER (noted).
 - labels: blank -> null, 1.0/0.0 as is, -1.0 by option ``uncertain``: "ignore" (default, -1 ->
   null, as TorchXRayVision does), "ones" (-> 1) or "zeros" (-> 0). The 14 label names are CXR-LT
   classes; the other 12 CXR-LT classes are null.
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import polars as pl
 
-from chx.data.adapters.common import (expand_sources, finish, parse_labels, read_table,
-                                      reject_options)
+from chx.data.adapters.common import (UNCERTAIN, Notes, count_listing, expand_sources, finish, note,
+                                      parse_labels, read_table, reject_options, uncertain_value)
+from chx.data.views import FRONTAL_VIEWS, LATERAL_VIEWS, canonical_view_expr
 from chx.errors import ChxError
 
 NAME = "chexpert"
@@ -42,7 +43,7 @@ CHEXPERT_CLASSES: tuple[str, ...] = (
     "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
     "Pleural Other", "Fracture", "Support Devices",
 )
-UNCERTAIN = {"ignore": None, "ones": 1.0, "zeros": 0.0}
+OPTIONS = (UNCERTAIN,)
 
 
 def _read(path: Path, minus_one: float | None) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -60,14 +61,14 @@ def _read(path: Path, minus_one: float | None) -> tuple[pl.DataFrame, pl.DataFra
 
 
 def prepare(sources: list[Path], classes: list[str] | None, images: Path | None = None,
-            only_existing: bool = False, *, uncertain: str = "ignore", **options) -> pl.DataFrame:
+            only_existing: bool = False, *, uncertain: str = "ignore", notes: Notes | None = None,
+            **options) -> pl.DataFrame:
     """CheXpert train.csv / valid.csv -> manifest (see the module docstring)."""
     reject_options(NAME, options)
-    if uncertain not in UNCERTAIN:
-        raise ChxError(f"--uncertain {uncertain!r}: use one of {', '.join(UNCERTAIN)}")
+    minus_one = uncertain_value(uncertain)
     paths = expand_sources(sources, ["train.csv", "valid.csv", "train.csv.gz", "valid.csv.gz"],
                            what="CheXpert's train.csv / valid.csv (or the folder holding them)")
-    read = [_read(p, UNCERTAIN[uncertain]) for p in paths]
+    read = [_read(p, minus_one) for p in paths]
     df = pl.concat([d for d, _ in read], how="diagonal")
     native = pl.concat([lab for _, lab in read])
 
@@ -75,19 +76,27 @@ def prepare(sources: list[Path], classes: list[str] | None, images: Path | None 
     patient, study = parts.list.get(-3), parts.list.get(-2)
     view_file = parts.list.get(-1).str.replace(r"\.[^.]*$", "")
     image_id = pl.concat_str([patient, study, view_file], separator="/")
+    lateral = canonical_view_expr(pl.col("Frontal/Lateral"))
+    frontal = canonical_view_expr(pl.col("AP/PA"))
     ids = df.select(
         image_id.alias("image_id"),
         pl.concat_str([patient, study], separator="/").alias("study_id"),
         patient.alias("subject_id"),
-        pl.when(pl.col("Frontal/Lateral").str.strip_chars() == "Lateral").then(pl.lit("LATERAL"))
-        .when(pl.col("AP/PA").str.strip_chars().is_in(["AP", "PA"]))
-        .then(pl.col("AP/PA").str.strip_chars())
+        pl.when(lateral.is_in(LATERAL_VIEWS)).then(lateral)
+        .when(frontal.is_in(FRONTAL_VIEWS)).then(frontal)
         .otherwise(pl.lit("OTHER")).alias("view"),
         pl.col("Path").str.strip_chars().alias("path"),
         parts.list.get(-4, null_on_oob=True).fill_null("").alias("__split"),
     )
+    other = df.filter(ids["view"] == "OTHER")
+    if other.height:
+        pairs = other.group_by(pl.concat_str([pl.col("Frontal/Lateral"), pl.col("AP/PA")], separator=" ",
+                                             ignore_nulls=True)).len().iter_rows()
+        note(notes, f"Frontal/Lateral, AP/PA: {other.height:,} of {ids.height:,} images became OTHER "
+                    f"({count_listing(pairs)})")
     if ids["image_id"].is_duplicated().any():
         ids = ids.with_columns(pl.concat_str([pl.col("__split"), pl.col("image_id")], separator="/")
                                .alias("image_id"))
     return finish(ids.drop("__split"), native, classes, {}, dataset=NAME,
-                  source=", ".join(map(str, paths)), images=images, only_existing=only_existing)
+                  source=", ".join(map(str, paths)), images=images, only_existing=only_existing,
+                  notes=notes)

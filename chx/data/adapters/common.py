@@ -1,45 +1,103 @@
-"""Helpers shared by the dataset adapters: reading native tables, normalising views, parsing and
-harmonising labels, combining labels per study, and finding image files under an images root.
+"""Helpers shared by the dataset adapters: declared options, notes for the user, reading native
+tables, mapping views (through :mod:`chx.data.views`), parsing and harmonising labels, combining
+labels per study, and finding image files under an images root.
 
 Everything works on whole columns (polars expressions); nothing loops over rows.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from chx.data.classes import class_key
+from chx.data.classes import NAMED_CLASS_LISTS, class_key
 from chx.data.manifest import LABEL_DTYPE, build_manifest, validate
+from chx.data.views import canonical_view_expr
 from chx.errors import ChxError
 
-# Native view strings (upper-cased, spaces collapsed) -> manifest view. Anything else is OTHER:
-# blank, '?', oblique (LAO, RAO, ...), decubitus (PA LLD, AP RLD, ...), SWIMMERS and AP AXIAL
-# (an angled lordotic view, not a standard frontal).
-VIEW_MAP: dict[str, str] = {
-    "PA": "PA",
-    "POSTEROANTERIOR": "PA",
-    "AP": "AP",
-    "AP SUPINE": "AP",
-    "AP ERECT": "AP",
-    "ANTEROPOSTERIOR": "AP",
-    "L": "LATERAL",
-    "LAT": "LATERAL",
-    "LATERAL": "LATERAL",
-    "XTABLE LATERAL": "LATERAL",
-    "LL": "LL",
-}
+# What an adapter tells the user besides the manifest (rows dropped and why, views that became
+# OTHER, images found under --images): one line each, printed by `chx prepare`.
+Notes = list[str]
+
+
+@dataclass(frozen=True)
+class AdapterOption:
+    """An option an adapter takes, declared by the adapter so that `chx prepare` can offer it.
+
+    ``name`` is the Python keyword (``min_readers``; on the command line ``--min-readers``);
+    ``type`` is str, int, float or bool (a flag); ``choices`` limits a str; ``minimum`` bounds an
+    int or float from below; ``multiple`` takes the option several times (a tuple of values);
+    ``default_text`` is shown as the default in ``--help`` where the value itself says little
+    (an empty tuple). Two adapters that take the same option declare it identically.
+    """
+
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: tuple[str, ...] | None = None
+    multiple: bool = False
+    minimum: float | None = None
+    metavar: str | None = None
+    default_text: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+UNCERTAIN_POLICIES: dict[str, float | None] = {"ignore": None, "ones": 1.0, "zeros": 0.0}
+UNCERTAIN = AdapterOption(
+    "uncertain", str, "ignore", "what -1 (uncertain) becomes: null (ignore), 1 (ones) or 0 (zeros).",
+    choices=tuple(UNCERTAIN_POLICIES))
+
+
+def uncertain_value(policy: str) -> float | None:
+    """The label value -1 becomes under an ``--uncertain`` policy; ChxError for an unknown one."""
+    if policy not in UNCERTAIN_POLICIES:
+        raise ChxError(f"--uncertain {policy!r}: use one of {', '.join(UNCERTAIN_POLICIES)}")
+    return UNCERTAIN_POLICIES[policy]
+
+
+def note(notes: Notes | None, line: str) -> None:
+    """Add one line for the user (adapters run without notes in tests and library use)."""
+    if notes is not None:
+        notes.append(line)
+
+
+def count_listing(pairs: Iterable[tuple[object, int]], limit: int = 6) -> str:
+    """``"LAO 5, blank 4, ..."`` from (value, count) pairs, largest first (blank for '' / None)."""
+    pairs = sorted(((("blank" if v in (None, "") else str(v)), int(n)) for v, n in pairs),
+                   key=lambda p: (-p[1], p[0]))
+    text = ", ".join(f"{v} {n:,}" for v, n in pairs[:limit])
+    return text + (", ..." if len(pairs) > limit else "")
+
+
+def map_views(native: pl.Series, notes: Notes | None, *, column: str) -> pl.Series:
+    """Native view strings -> canonical views (:func:`chx.data.views.canonical_view_expr`), with a
+    note saying how many became OTHER and from which native values."""
+    frame = pl.DataFrame({"native": native.cast(pl.Utf8)})
+    views = frame.select(canonical_view_expr(pl.col("native")).alias("view"))["view"]
+    other = frame.filter(views == "OTHER")
+    if other.height:
+        counts = other.group_by(pl.col("native").str.strip_chars()).len().iter_rows()
+        note(notes, f"{column}: {other.height:,} of {frame.height:,} images became OTHER "
+                    f"({count_listing(counts)})")
+    return views
 
 
 def read_table(path: str | os.PathLike, required_columns: Iterable[str], *,
                what: str = "the adapter") -> pl.DataFrame:
-    """Read a CSV (or .csv.gz) with every column as a string (blank -> null).
+    """Read a CSV (or .csv.gz), or a Parquet file, with every column as a string (blank -> null).
 
     Raises :class:`ChxError` when the file is missing, unreadable, or lacks a required column
-    (naming the file, the missing columns and what ``what`` expects).
+    (naming the file, the missing columns and what ``what`` expects; a header that looks split by
+    another separator says so).
     """
     path = Path(path)
     required = list(required_columns)
@@ -47,7 +105,11 @@ def read_table(path: str | os.PathLike, required_columns: Iterable[str], *,
         kind = "is a folder, not a table" if path.is_dir() else "does not exist"
         raise ChxError(f"{path} {kind}; {what} expects a CSV with columns {', '.join(required)}")
     try:
-        df = pl.read_csv(path, infer_schema_length=0)
+        if path.suffix.lower() == ".parquet":
+            df = pl.read_parquet(path)
+            df = df.with_columns([pl.col(c).cast(pl.Utf8).replace("", None) for c in df.columns])
+        else:
+            df = pl.read_csv(path, infer_schema_length=0)
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ChxError(f"{path}: cannot be read as a CSV table ({first}); {what} expects a CSV "
@@ -56,8 +118,18 @@ def read_table(path: str | os.PathLike, required_columns: Iterable[str], *,
     if missing:
         raise ChxError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}; {what} "
                        f"expects a CSV with columns {', '.join(required)} (found: "
-                       f"{', '.join(df.columns[:12])}{', ...' if df.width > 12 else ''})")
+                       f"{', '.join(df.columns[:12])}{', ...' if df.width > 12 else ''})"
+                       f"{_separator_hint(df.columns)}")
     return df
+
+
+def _separator_hint(columns: list[str]) -> str:
+    """A hint when a one-column header holds another separator (a ';' or tab CSV read as ',')."""
+    if len(columns) == 1:
+        for sep, name in ((";", "';'"), ("\t", "tabs"), ("|", "'|'")):
+            if sep in columns[0]:
+                return f"; the header looks separated by {name}, not commas: save it as a comma CSV"
+    return ""
 
 
 def table_columns(path: str | os.PathLike) -> list[str]:
@@ -93,13 +165,6 @@ def reject_options(dataset: str, options: Mapping[str, object]) -> None:
     """Adapters take only their own options; anything else is a user mistake."""
     if options:
         raise ChxError(f"`chx prepare {dataset}` takes no option {', '.join(sorted(options))}")
-
-
-def normalise_view(expr: pl.Expr) -> pl.Expr:
-    """Native view strings -> PA, AP, LATERAL, LL or OTHER (case and spacing ignored; blank, '?'
-    and anything unknown -> OTHER)."""
-    key = expr.cast(pl.Utf8).str.strip_chars().str.to_uppercase().str.replace_all(r"\s+", " ")
-    return key.replace_strict(VIEW_MAP, default="OTHER", return_dtype=pl.Utf8).fill_null("OTHER")
 
 
 def parse_labels(table: pl.DataFrame, columns: Iterable[str], source: str | os.PathLike, *,
@@ -165,14 +230,42 @@ def harmonise(native: pl.DataFrame, target: list[str] | None,
                        f"{', ...' if len(target) > 6 else ''}) is annotated by {dataset}, whose classes "
                        f"are {', '.join(native.columns[:8])}{', ...' if native.width > 8 else ''}; "
                        f"use --classes data for its own classes")
+    _refuse_typos([t for t in target if class_key(t) not in by_target],
+                  [*native.columns, *(v for v in synonyms.values() if v)], dataset)
     return native.select(exprs)
 
 
-def combine_per_study(study_id: pl.Series, labels: pl.DataFrame) -> pl.DataFrame:
+def _refuse_typos(unannotated: list[str], native_names: list[str], dataset: str) -> None:
+    """A target class the dataset does not annotate stays null when it is a known class name (on a
+    named list, or the dataset's own); one that is only close to a known name is a typo: ChxError
+    with difflib's "did you mean". A name close to nothing known is a new class (null)."""
+    spelling: dict[str, str] = {}
+    for name in (*native_names, *(n for names in NAMED_CLASS_LISTS.values() for n in names)):
+        spelling.setdefault(class_key(name), name)
+    for name in unannotated:
+        key = class_key(name)
+        if key in spelling:
+            continue
+        close = difflib.get_close_matches(key, list(spelling), n=1, cutoff=0.8)
+        if close:
+            raise ChxError(f"--classes: {name!r} is neither a class {dataset} annotates nor a known "
+                           f"class name; did you mean {spelling[close[0]]!r}?")
+
+
+def combine_per_study(study_id: pl.Series, labels: pl.DataFrame,
+                      notes: Notes | None = None) -> pl.DataFrame:
     """Give every image its study's labels: 1 if any image of the study is 1, else 0 if any is 0,
-    else null. (The manifest requires one label vector per study.)"""
+    else null. (The manifest requires one label vector per study.) With ``notes``, says how many
+    studies had images with different labels."""
     if labels.width == 0:
         return labels
+    if notes is not None:
+        differ = (labels.with_columns(study_id.alias("__study")).group_by("__study")
+                  .agg(pl.any_horizontal([pl.col(c).n_unique() > 1 for c in labels.columns]).alias("d"))
+                  ["d"].sum())
+        if differ:
+            note(notes, f"labels: studies whose images had different labels: {differ:,}; each takes "
+                        f"the per-class max over its images (1 if any image is 1)")
     cols = labels.columns
     return (labels.with_columns(study_id.alias("__study"))
             .select([pl.col(c).max().over("__study").alias(c) for c in cols]))
@@ -259,18 +352,39 @@ def resolve_paths(manifest: pl.DataFrame, images_root: str | os.PathLike | None,
     return out, missing
 
 
+def locate(manifest: pl.DataFrame, images: str | os.PathLike | None, only_existing: bool,
+           notes: Notes | None, *, source: str) -> pl.DataFrame:
+    """:func:`resolve_paths` for an adapter: notes how many of the listed images exist under
+    ``images`` and raises :class:`ChxError` when none does (a wrong root, found at prepare time
+    rather than at training)."""
+    if images is None:
+        return manifest
+    out, missing = resolve_paths(manifest, images, only_existing)
+    n = manifest.height
+    if missing == n:
+        raise ChxError(f"none of the {n:,} images listed in {source} was found under {images}; "
+                       f"check --images (the folder holding the images, or one above it)")
+    line = f"images: {n - missing:,} of {n:,} found under {images}"
+    if missing:
+        line += (f"; {missing:,} missing, dropped (--only-existing)" if only_existing else
+                 f"; {missing:,} missing, kept with the table's path (--only-existing drops them)")
+    note(notes, line)
+    return out
+
+
 def finish(ids: pl.DataFrame, native: pl.DataFrame, target: list[str] | None,
            synonyms: Mapping[str, str | None], *, dataset: str, source: str,
            images: str | os.PathLike | None = None, only_existing: bool = False,
-           per_study: bool = True) -> pl.DataFrame:
+           per_study: bool = True, notes: Notes | None = None,
+           located: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> pl.DataFrame:
     """The common tail of every adapter: harmonise the native labels onto ``target``, combine
-    them per study (``per_study``), assemble and resolve paths, and validate the manifest."""
+    them per study (``per_study``), assemble, find the images (:func:`locate`), apply ``located``
+    (what needs the image files, e.g. views from DICOM headers) and validate."""
     labels = harmonise(native, target, synonyms, dataset=dataset)
     if per_study:
-        labels = combine_per_study(ids["study_id"].cast(pl.Utf8), labels)
+        labels = combine_per_study(ids["study_id"].cast(pl.Utf8), labels, notes)
     df = build_manifest(ids, labels)
-    df, _ = resolve_paths(df, images, only_existing)
-    if images is not None and df.height == 0:
-        raise ChxError(f"none of the {ids.height:,} images listed in {source} was found under "
-                       f"{images}; check --images")
+    df = locate(df, images, only_existing, notes, source=source)
+    if located is not None:
+        df = located(df)
     return validate(df, source=f"{dataset} manifest from {source}")

@@ -14,7 +14,8 @@ Mapping:
   patients 285/339 and 287/340 share 5 files in this copy). Patients that share a file are one
   patient (every row of the later id takes the first id), and a file listed again is dropped (its
   first row kept), so the same image can never sit in two splits.
-- view: PA; AP and AP Supine -> AP; L -> LATERAL; blank and '?' -> OTHER.
+- view: through :mod:`chx.data.views`: PA; AP and AP Supine -> AP; L -> LATERAL; blank and '?'
+  -> OTHER.
 - finding split on ', ' into classes; 'todo' (not yet labelled) -> every class null (unlabelled
   data, e.g. for pseudo labels); otherwise the named classes 1 and all others 0 ('No Finding' is
   a class like the rest). The default class list is the data's ("data"): the sorted findings seen,
@@ -37,7 +38,8 @@ from pathlib import Path
 
 import polars as pl
 
-from chx.data.adapters.common import expand_sources, finish, normalise_view, read_table, reject_options
+from chx.data.adapters.common import (Notes, expand_sources, finish, map_views, read_table,
+                                      reject_options)
 
 NAME = "covid"
 COLUMNS = ("patientid", "offset", "finding", "view", "modality", "filename")
@@ -46,7 +48,7 @@ SYNONYMS: dict[str, str | None] = {"Pneumonia": None}
 
 
 def prepare(sources: list[Path], classes: list[str] | None, images: Path | None = None,
-            only_existing: bool = False, **options) -> pl.DataFrame:
+            only_existing: bool = False, *, notes: Notes | None = None, **options) -> pl.DataFrame:
     """covid-chestxray-dataset metadata.csv -> manifest (see the module docstring)."""
     reject_options(NAME, options)
     paths = expand_sources(sources, ["metadata.csv"],
@@ -83,7 +85,7 @@ def prepare(sources: list[Path], classes: list[str] | None, images: Path | None 
     study = pl.concat_str([pl.lit("p"), patient, pl.lit("_d"), offset])
     ids = df.select(
         stem.alias("image_id"),
-        study.alias("study_id"), patient.alias("subject_id"),
-        normalise_view(pl.col("view")).alias("view"), filename.alias("path"))
+        study.alias("study_id"), patient.alias("subject_id"), filename.alias("path")
+    ).with_columns(map_views(df["view"], notes, column="view").alias("view"))
     return finish(ids, native, classes, SYNONYMS, dataset=NAME, source=", ".join(map(str, paths)),
-                  images=images, only_existing=only_existing)
+                  images=images, only_existing=only_existing, notes=notes)

@@ -5,13 +5,14 @@ CXR-LT 2024, MedIA 2025), on MIMIC-CXR-JPG images (PhysioNet credentialed access
 Source: one or more challenge CSVs (e.g. train + development; a folder is searched for
 ``*.csv``): one row per image with ``dicom_id``, ``subject_id``, ``study_id``, ``ViewPosition``
 and ``path`` (relative to the MIMIC-CXR-JPG root, ``files/p10/p10000032/s5.../<dicom_id>.jpg``),
-then one 0/1 column per class (26 in 2023, 40 in 2024 task 1).
+then one 0/1 column per class (26 in 2023, 40 in 2024 task 1: ``--classes cxr-lt-2024-task1``,
+or ``cxr-lt-2024-task2`` for the 26 of the gold-standard task, "Normal" for "No Finding").
 
 Mapping:
 - image_id = dicom_id; study_id, subject_id as given; path as given (``--images`` resolves it
   under the MIMIC-CXR-JPG root or any folder above or below it).
-- view: ViewPosition normalised (PA, AP, LATERAL, LL; XTABLE LATERAL -> LATERAL; AP AXIAL,
-  decubitus, oblique, SWIMMERS and blank -> OTHER).
+- view: ViewPosition through :mod:`chx.data.views` (PA, AP, LATERAL, LL; XTABLE LATERAL ->
+  LATERAL; AP AXIAL, decubitus, oblique, SWIMMERS and blank -> OTHER; the OTHER count is noted).
 - class columns: every column that is neither an id column above nor a known metadata column
   (:data:`METADATA_COLUMNS`, e.g. ``split``, ``fold``, DICOM header fields); values 1, 0 or blank
   (null). Anything else is an error naming the file, row and column. The challenge's own split
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import polars as pl
 
-from chx.data.adapters.common import (expand_sources, finish, normalise_view, parse_labels,
+from chx.data.adapters.common import (Notes, expand_sources, finish, map_views, parse_labels,
                                       read_table, reject_options)
 from chx.errors import ChxError
 
@@ -57,7 +58,7 @@ def _read(path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 
 def prepare(sources: list[Path], classes: list[str] | None, images: Path | None = None,
-            only_existing: bool = False, **options) -> pl.DataFrame:
+            only_existing: bool = False, *, notes: Notes | None = None, **options) -> pl.DataFrame:
     """CXR-LT challenge CSV(s) -> manifest (see the module docstring)."""
     reject_options(NAME, options)
     paths = expand_sources(sources, ["*.csv", "*.csv.gz"],
@@ -66,7 +67,7 @@ def prepare(sources: list[Path], classes: list[str] | None, images: Path | None 
     df = pl.concat([d for d, _ in read])
     # Several CSVs may name different class sets: a class a CSV lacks is null for its rows.
     native = pl.concat([lab for _, lab in read], how="diagonal")
-    ids = df.select(pl.col("dicom_id").alias("image_id"), "study_id", "subject_id",
-                    normalise_view(pl.col("ViewPosition")).alias("view"), "path")
+    ids = df.select(pl.col("dicom_id").alias("image_id"), "study_id", "subject_id", "path").with_columns(
+        map_views(df["ViewPosition"], notes, column="ViewPosition").alias("view"))
     return finish(ids, native, classes, {}, dataset=NAME, source=", ".join(map(str, paths)),
-                  images=images, only_existing=only_existing)
+                  images=images, only_existing=only_existing, notes=notes)

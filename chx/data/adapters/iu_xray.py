@@ -9,7 +9,8 @@ Mapping:
 - One row per image (the projections table, joined to its report): study_id = subject_id = uid,
   because IU gives no patient id beyond the report (a patient with two reports counts twice);
   image_id = filename stem (``1_IM-0001-4001.dcm``); path = filename. Images are optional.
-- view: Frontal -> PA (IU studies are outpatient PA + lateral pairs), Lateral -> LATERAL.
+- view: Frontal -> PA (IU studies are outpatient PA + lateral pairs), then through
+  :mod:`chx.data.views` (Lateral -> LATERAL; anything else OTHER, noted).
 - Labels are per report (``MeSH``; the shorter ``Problems`` column is not used). A term's finding
   is the text before its first '/', matched by class key (case, spacing: 'Subcutaneous  Emphysema'
   and 'Subcutaneous Emphysema' are one class). 'normal' -> No Finding 1, every other class 0;
@@ -44,8 +45,8 @@ from pathlib import Path
 
 import polars as pl
 
-from chx.data.adapters.common import (expand_sources, finish, read_table, reject_options,
-                                      table_columns)
+from chx.data.adapters.common import (Notes, expand_sources, finish, map_views, read_table,
+                                      reject_options, table_columns)
 from chx.data.classes import class_key
 from chx.errors import ChxError
 
@@ -135,7 +136,7 @@ def _rule_hits(terms: pl.DataFrame) -> pl.DataFrame:
 
 
 def prepare(sources: list[Path], classes: list[str] | None, images: Path | None = None,
-            only_existing: bool = False, **options) -> pl.DataFrame:
+            only_existing: bool = False, *, notes: Notes | None = None, **options) -> pl.DataFrame:
     """IU X-ray reports + projections -> manifest, one row per image (see the module docstring)."""
     reject_options(NAME, options)
     report_file, projection_file = _split_sources(list(sources))
@@ -176,12 +177,12 @@ def prepare(sources: list[Path], classes: list[str] | None, images: Path | None 
         .otherwise(pl.col("__c").fill_null([]).list.contains(n).cast(pl.Float32)).alias(n)
         for n in names])
     stem = pl.col("filename").str.replace(r"\.[^.]*$", "")
-    projection = pl.col("projection").str.to_lowercase()
+    # IU's "Frontal" names no view; its frontal images are PA (see the module docstring).
+    projection = df["projection"].str.replace(r"(?i)^\s*frontal\s*$", "PA")
     ids = df.select(
         stem.alias("image_id"), pl.col("uid").alias("study_id"), pl.col("uid").alias("subject_id"),
-        pl.when(projection == "frontal").then(pl.lit("PA"))
-        .when(projection == "lateral").then(pl.lit("LATERAL")).otherwise(pl.lit("OTHER")).alias("view"),
-        pl.col("filename").alias("path"))
+        pl.col("filename").alias("path")
+    ).with_columns(map_views(projection, notes, column="projection").alias("view"))
     return finish(ids, native, classes, {}, dataset=NAME,
                   source=f"{report_file}, {projection_file}", images=images,
-                  only_existing=only_existing, per_study=False)
+                  only_existing=only_existing, per_study=False, notes=notes)

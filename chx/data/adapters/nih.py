@@ -25,7 +25,8 @@ from pathlib import Path
 
 import polars as pl
 
-from chx.data.adapters.common import expand_sources, finish, normalise_view, read_table, reject_options
+from chx.data.adapters.common import (Notes, expand_sources, finish, map_views, read_table,
+                                      reject_options)
 from chx.errors import ChxError
 
 NAME = "nih"
@@ -51,7 +52,7 @@ def _read(path: Path) -> pl.DataFrame:
 
 
 def prepare(sources: list[Path], classes: list[str] | None, images: Path | None = None,
-            only_existing: bool = False, **options) -> pl.DataFrame:
+            only_existing: bool = False, *, notes: Notes | None = None, **options) -> pl.DataFrame:
     """NIH Data_Entry table(s) -> manifest (see the module docstring)."""
     reject_options(NAME, options)
     paths = expand_sources(sources, ["Data_Entry_2017*.csv", "Data_Entry_2017*.csv.gz"],
@@ -60,10 +61,10 @@ def prepare(sources: list[Path], classes: list[str] | None, images: Path | None 
     name = pl.col("Image Index").str.strip_chars()
     stem = name.str.replace(r"\.[^.]*$", "")
     ids = df.select(stem.alias("image_id"), stem.alias("study_id"),
-                    pl.col("Patient ID").str.strip_chars().alias("subject_id"),
-                    normalise_view(pl.col("View Position")).alias("view"), name.alias("path"))
+                    pl.col("Patient ID").str.strip_chars().alias("subject_id"), name.alias("path"))
+    ids = ids.with_columns(map_views(df["View Position"], notes, column="View Position").alias("view"))
     native = df.select([pl.col("__labels").list.contains(c).cast(pl.Float32).alias(c)
                         for c in NIH_CLASSES])
     return finish(ids, native, classes, SYNONYMS, dataset=NAME,
                   source=", ".join(map(str, paths)), images=images, only_existing=only_existing,
-                  per_study=False)
+                  per_study=False, notes=notes)

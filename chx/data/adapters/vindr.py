@@ -32,7 +32,8 @@ from pathlib import Path
 
 import polars as pl
 
-from chx.data.adapters.common import expand_sources, finish, read_table, reject_options
+from chx.data.adapters.common import (AdapterOption, Notes, expand_sources, finish, read_table,
+                                      reject_options)
 from chx.errors import ChxError
 
 NAME = "vindr"
@@ -43,6 +44,8 @@ VINDR_CLASSES: tuple[str, ...] = (
     "Infiltration", "Lung Opacity", NO_FINDING, "Nodule/Mass", "Other lesion", "Pleural effusion",
     "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis",
 )
+OPTIONS = (AdapterOption("min_readers", int, 1, "a finding is positive when at least this many "
+                                               "readers marked it.", minimum=1),)
 SYNONYMS: dict[str, str | None] = {
     "Pleural effusion": "Pleural Effusion",
     "Pleural thickening": "Pleural Thickening",
@@ -62,7 +65,8 @@ def _read(path: Path) -> pl.DataFrame:
 
 
 def prepare(sources: list[Path], classes: list[str] | None, images: Path | None = None,
-            only_existing: bool = False, *, min_readers: int = 1, **options) -> pl.DataFrame:
+            only_existing: bool = False, *, min_readers: int = 1, notes: Notes | None = None,
+            **options) -> pl.DataFrame:
     """VinDr-CXR train.csv -> manifest, one row per image (see the module docstring)."""
     reject_options(NAME, options)
     if not isinstance(min_readers, int) or min_readers < 1:
@@ -88,4 +92,4 @@ def prepare(sources: list[Path], classes: list[str] | None, images: Path | None 
         pl.lit("PA").alias("view"), pl.concat_str([pl.lit("train/"), pl.col("image_id"), pl.lit(".dicom")])
         .alias("path"))
     return finish(ids, native, classes, SYNONYMS, dataset=NAME, source=", ".join(map(str, paths)),
-                  images=images, only_existing=only_existing, per_study=False)
+                  images=images, only_existing=only_existing, per_study=False, notes=notes)
