@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 demo: venv
 	$(BIN)/chx demo --out demo-out

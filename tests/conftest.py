@@ -6,9 +6,20 @@ Real test data lives in ../shared/data relative to the project root. A user's fr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`) each worker runs torch on one thread, and so do the chx
+    processes the tests start: two workers with two threads each on two cores would fight."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 from helpers import shared_path
 

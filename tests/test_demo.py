@@ -63,7 +63,7 @@ def test_fusion_beats_every_per_study_aggregation_on_findings_visible_in_one_vie
     manifest = make_demo_data(tmp_path / "data", studies=STUDIES, seed=0, size=64,
                               val_fraction=0.1, test_fraction=0.6)
     cfg = DemoConfig(studies=STUDIES, size=64, model="convnext_atto", backbone_epochs=BACKBONE_EPOCHS,
-                     fusion_epochs=FUSION_EPOCHS, workers=1, seed=0)
+                     fusion_epochs=FUSION_EPOCHS, workers=0, seed=0)   # workers do not change the result
     result = run_demo(tmp_path / "run", cfg, manifest=manifest, images=tmp_path / "data" / "images",
                       echo=lambda *a: None)
     assert result["split"] == "test"

@@ -16,11 +16,11 @@ from helpers import ROOT
 
 
 def _command_lines(text: str) -> list[str]:
-    """`chx ...` lines of indented code (4+ spaces) and of ``` blocks, backslash continuations joined."""
+    """`chx ...` lines of indented code blocks (4+ spaces), backslash continuations joined."""
     lines, out, i = text.splitlines(), [], 0
     while i < len(lines):
         line = lines[i].strip()
-        m = re.search(r"(?:^|\s-m\s|^)(chx\s.*)$", line) if (lines[i].startswith("    ") or line.startswith("chx ")) else None
+        m = re.search(r"(?:^|\s-m\s)(chx\s.*)$", line) if lines[i].startswith("    ") else None
         if m and not line.startswith(("#", "|")):
             cmd = m.group(1)
             while cmd.endswith("\\") and i + 1 < len(lines):

@@ -21,7 +21,8 @@ def train_losses(out):
             if r["kind"] == "train"}
 
 
-ARGS = ["--batch-size", "8", "--max-steps", "40", "--log-every", "1", "--val-every", "10"]
+STEPS = 30
+ARGS = ["--batch-size", "8", "--max-steps", str(STEPS), "--log-every", "1", "--val-every", "10"]
 
 
 def train_args(nih_manifest):
@@ -65,11 +66,11 @@ def test_signal_saves_last_and_resume_matches_uninterrupted(capsys, tmp_path, ni
     assert proc.returncode == 128 + sig, err[-2000:]
     assert "Traceback" not in err and "--resume" in err
     step = load_checkpoint(out / "last.pt")["step"]
-    assert 5 <= step < 40
+    assert 5 <= step < STEPS
 
     code, _, err = run_chx(capsys, *args, "--resume", "-o", out)
     assert code == 0, err
     cut = train_losses(out)
-    assert list(cut) == list(range(1, 41))
+    assert list(cut) == list(range(1, STEPS + 1))
     assert all(uninterrupted[s] == cut[s] for s in uninterrupted), \
         [s for s in uninterrupted if uninterrupted[s] != cut[s]]

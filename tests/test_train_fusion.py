@@ -120,7 +120,7 @@ def test_sigint_during_fusion_saves_last_and_resume_matches(capsys, tmp_path, co
 
     from helpers import ROOT
 
-    args = ["train-fusion", "--store", str(covid_store), *FAST, "--epochs", "10", "--log-every", "1"]
+    args = ["train-fusion", "--store", str(covid_store), *FAST, "--epochs", "4", "--log-every", "1"]
     assert run_chx(capsys, *args, "-o", tmp_path / "full")[0] == 0
     out = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "chx", *args, "-o", str(out)], cwd=ROOT,

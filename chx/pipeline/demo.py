@@ -22,7 +22,8 @@ from chx.pipeline.train_fusion import train_fusion
 
 
 def run_demo(out: Path, cfg: DemoConfig, manifest: Path | None = None, images: Path | None = None,
-             echo=print) -> dict:
+             echo=print, fusion: FusionOptions | None = None) -> dict:
+    """Run the pipeline into ``out``; ``fusion``: the fusion model's options (default: the paper's)."""
     out = Path(out)
     t0 = time.perf_counter()
     timings = {}
@@ -59,7 +60,7 @@ def run_demo(out: Path, cfg: DemoConfig, manifest: Path | None = None, images: P
     t = time.perf_counter()
     echo(f"[4/5] stage 2: fusion from the store, {cfg.fusion_epochs:g} epochs")
     fusion_dir = out / "fusion"
-    train_fusion(store, fusion_dir, FusionOptions(),
+    train_fusion(store, fusion_dir, fusion or FusionOptions(),
                  TrainConfig(epochs=cfg.fusion_epochs, lr=cfg.fusion_lr, batch_size=cfg.batch_size,
                              workers=0, seed=cfg.seed, val_every=1.0, warmup=0.1), overwrite=True)
     timings["stage 2"] = time.perf_counter() - t

@@ -165,6 +165,7 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
             if pending is not None:
                 written += _rows_in(store, pending.result())
         elapsed = time.perf_counter() - t0
+    store.close()
 
     with _store_errors(store_path), open_store(store_path, mode="r+") as store:
         remaining = len(store.missing_rows())
