@@ -110,8 +110,9 @@ def main(argv=None):
 
 
 def _write_only(path: Path, s_path: Path, feats: list, batch: int) -> float:
-    """Seconds per image to write precomputed maps (and done flags) into a fresh copy of a store's layout."""
-    from chx.store import create_store, open_store
+    """Seconds per image to write precomputed maps into a fresh copy of a store's layout, through the
+    same whole-shard path as extraction (ShardBuffer -> write_shard, done markers with checksums)."""
+    from chx.store import ShardBuffer, create_store, open_store
 
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     with open_store(s_path) as src:
@@ -121,9 +122,10 @@ def _write_only(path: Path, s_path: Path, feats: list, batch: int) -> float:
                       class_names=src.class_names, feature_shape=src.feature_shape, fingerprint=src.fingerprint)
     store = create_store(str(path), **layout)
     n = len(layout["image_ids"])
+    buffer = ShardBuffer(store, np.arange(store.n_shards))
     t0 = time.perf_counter()
     for k, i in enumerate(range(0, n, batch)):
-        store.write(np.arange(i, min(i + batch, n)), feats[k])
+        buffer.add(np.arange(i, min(i + batch, n)), feats[k])
     return (time.perf_counter() - t0) / n
 
 
