@@ -125,12 +125,9 @@ def prepare(dataset, sources, out, classes, images, only_existing, val_fraction,
     for src in sources:
         if not src.exists():
             raise ChxError(f"{src} does not exist; give the dataset's label file(s) or folder")
-    target = out or Path(f"{dataset}.parquet")
-    if target.exists() and not overwrite:
-        raise ChxError(f"{target} exists; a new manifest (another --seed, another split) under models "
-                       f"made from the old one invites patient leakage: use --overwrite to replace it, "
-                       f"or choose another -o")
     out = out or Path(f"{dataset}.parquet")
+    _refuse_existing(out, overwrite, why="a new manifest (another --seed, another split) under models made "
+                                         "from the old one invites patient leakage")
     s = run_prepare(dataset, list(sources), out, classes=classes, images=images,
                     only_existing=only_existing, val_fraction=val_fraction,
                     test_fraction=test_fraction, seed=seed,
@@ -252,6 +249,13 @@ def train_backbone(manifests, images, out, model, size, resize, pretrained, weig
                            soft_targets=soft_targets)
     result = run(list(manifests), list(images), out, opts, cfg, resume=resume, overwrite=overwrite)
     _report_fit(result)
+
+
+def _refuse_existing(out: Path, overwrite: bool, why: str = "") -> None:
+    """An existing output is replaced only with --overwrite (never silently)."""
+    if out.exists() and not overwrite:
+        raise ChxError(f"{out} exists; {why + ': ' if why else ''}use --overwrite to replace it or choose "
+                       f"another -o")
 
 
 def _values_then_extras(option: str, values, extras) -> list:
@@ -612,8 +616,7 @@ def export(backbone, fusion, out, overwrite):
     """
     from chx.pipeline.predict import export_bundle
 
-    if out.exists() and not overwrite:
-        raise ChxError(f"{out} exists; use --overwrite to replace it or choose another -o")
+    _refuse_existing(out, overwrite)
     b = export_bundle(backbone, fusion, out)
     click.echo(f"wrote {out}: {len(b['class_names'])} classes, backbone "
                f"{b['backbone']['model_config']['backbone_name']} at {b['backbone']['preprocess']['size']} px")
@@ -649,8 +652,7 @@ def import_reference(ckpt, kind, classes, backbone_name, out, overwrite):
     from chx.models import save_checkpoint
     from chx.models.reference import convert_reference_checkpoint
 
-    if out.exists() and not overwrite:
-        raise ChxError(f"{out} exists; use --overwrite to replace it or choose another -o")
+    _refuse_existing(out, overwrite)
     names = resolve_classes(classes, default="cxr-lt-2023")
     if not names:
         raise ChxError("--classes: give the reference model's class list (a named list, names, or a file)")
@@ -702,8 +704,7 @@ def predict(bundle, backbone, fusion, studies_dir, files, study_id, more_files, 
 
     files = _values_then_extras("--files", files, more_files)
     fmt = output_format(out, fmt)
-    if out.exists() and not overwrite:
-        raise ChxError(f"{out} exists; use --overwrite to replace it or choose another -o")
+    _refuse_existing(out, overwrite)
     inputs = collect_inputs(studies_dir, files or None, manifest, images, study_id=study_id)
     predictor = Predictor.load(bundle, backbone, fusion, device=device)
     table = run(predictor, inputs, out, fmt)

@@ -18,6 +18,8 @@ import math
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from chx.errors import ChxError
+
 GROUP_NAMES = ("head", "medium", "tail")
 
 
@@ -58,7 +60,8 @@ def group_indices(train_counts: np.ndarray, groups: str | tuple[int, ...] = "thi
         from chx.data.classes import HEAD_MIN_PREVALENCE, TAIL_MAX_PREVALENCE
 
         if prevalence is None:
-            raise ValueError("the prevalence grouping needs the training prevalence of each class")
+            raise ChxError("--groups prevalence needs the training prevalence of each class, which this "
+                           "checkpoint does not record; use --groups thirds")
         p = np.asarray(prevalence, dtype=np.float64)[order]
         return {"head": order[p > HEAD_MIN_PREVALENCE],
                 "medium": order[(p <= HEAD_MIN_PREVALENCE) & (p >= TAIL_MAX_PREVALENCE)],
@@ -69,7 +72,8 @@ def group_indices(train_counts: np.ndarray, groups: str | tuple[int, ...] = "thi
             sizes = (k, 0, 0)
     elif groups == "cxr-lt":
         if k != 26:
-            raise ValueError(f"the cxr-lt grouping (8/10/8) needs 26 classes, not {k}")
+            raise ChxError(f"--groups cxr-lt is CXR-LT 2023's 8/10/8 split of its 26 classes; these are {k} "
+                           f"classes: use --groups prevalence (or thirds)")
         sizes = (8, 10, 8)
     else:
         sizes = tuple(groups)

@@ -1,6 +1,7 @@
 """Metrics: NaN-aware per-class AP/AUROC equal scikit-learn's; groups; the class-prior floor."""
 
 import numpy as np
+import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from chx.metrics import (calibration, evaluate_scores, f1_at, group_indices, prior_baseline, summarize,
@@ -136,3 +137,13 @@ def test_absent_classes_zero_counts_a_class_without_positives_as_ap_0():
     zero = summarize(scores, labels, ["a", "b", "c"], absent="zero")
     assert skip["mAP"] == 1.0 and skip["skipped"] == ["b"]
     assert zero["mAP"] == 2 / 3
+
+
+def test_group_choices_that_do_not_fit_the_classes_are_user_errors():
+    """One check for evaluate and compare alike: a one-line error, not a traceback."""
+    from chx.errors import ChxError
+
+    with pytest.raises(ChxError, match="--groups cxr-lt is CXR-LT 2023's 8/10/8 split of its 26 classes"):
+        group_indices(np.arange(14), "cxr-lt")
+    with pytest.raises(ChxError, match="--groups prevalence needs the training prevalence"):
+        group_indices(np.arange(14), "prevalence")

@@ -18,14 +18,12 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from chx import plots   # imports matplotlib only when a plot is drawn
-from chx.atomic import atomic_path
+from chx.atomic import atomic_dir, atomic_path
 from chx.errors import ChxError
 from chx.metrics import classes_by_frequency
 
@@ -139,38 +137,9 @@ def write_report(out_dir: str | os.PathLike, result: dict, *, scores: np.ndarray
                                f"it: choose another -o")
             if not overwrite:
                 raise ChxError(f"{out} already holds a report; use --overwrite to replace it or another -o")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise ChxError(f"could not write the report folder {out}: {e.strerror or e}; choose another -o") from None
-    try:
+    with atomic_dir(out, what="the report folder") as tmp:
         paths = _write_report_files(tmp, result, scores, labels, class_names, title, ids, id_name)
-        os.chmod(tmp, 0o777 & ~_umask())
-        _replace_folder(tmp, out)
-    except OSError as e:
-        raise ChxError(f"could not write the report folder {out}: {e.strerror or e}; the previous "
-                       f"report, if any, is intact") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {k: out / p.name for k, p in paths.items()}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_folder(new: Path, out: Path) -> None:
-    """Rename ``new`` over ``out`` (an old ``out`` is moved aside first, then removed)."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, out)
 
 
 def _write_report_files(out: Path, result, scores, labels, class_names, title, ids, id_name) -> dict[str, Path]:
