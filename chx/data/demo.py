@@ -58,7 +58,7 @@ def _blob(y, x, cy, cx, ry, rx, soft=0.08):
     return 1.0 / (1.0 + np.exp(np.minimum((d - 1.0) / soft, 60.0)))
 
 
-def _frontal(rng, size, labels) -> np.ndarray:
+def _frontal(rng, size, labels, signs) -> np.ndarray:
     y, x = _grid(size)
     img = 0.15 + 0.55 * _blob(y, x, 0.55, 0.5, 0.5, 0.42)                       # body
     for cx in (0.32, 0.68):                                                      # lungs
@@ -66,46 +66,75 @@ def _frontal(rng, size, labels) -> np.ndarray:
     img += 0.25 * _blob(y, x, 0.55, 0.5, 0.5, 0.035)                             # spine
     img += 0.04 * np.sin(y * 2 * math.pi * 9 + rng.uniform(0, 6)) * _blob(y, x, 0.47, 0.5, 0.32, 0.36)
     heart_r = 0.16 if labels["Cardiomegaly"] else 0.105                         # both views
-    img += 0.3 * _blob(y, x, 0.62, 0.54, heart_r * 0.8, heart_r)
+    img += 0.3 * _sign(signs, "Cardiomegaly", labels, y, x, 0.62, 0.54, heart_r * 0.8, heart_r)
     if labels["Lung Opacity"]:                                                    # both views
         cx = rng.choice([0.3, 0.7])
-        img += 0.22 * _blob(y, x, rng.uniform(0.35, 0.55), cx, 0.08, 0.07, soft=0.3)
+        img += 0.22 * _sign(signs, "Lung Opacity", labels, y, x, rng.uniform(0.35, 0.55), cx, 0.08, 0.07, soft=0.3)
     if labels["Pleural Effusion"]:                                                # frontal only
         side = rng.choice([0.3, 0.7])
-        img += 0.28 * _blob(y, x, 0.74, side, 0.06, 0.13, soft=0.2)
+        img += 0.28 * _sign(signs, "Pleural Effusion", labels, y, x, 0.74, side, 0.06, 0.13, soft=0.2)
     if labels["Nodule"]:                                                          # frontal only
-        img += 0.35 * _blob(y, x, rng.uniform(0.3, 0.6), rng.choice([0.28, 0.72]), 0.025, 0.025)
+        cy = rng.uniform(0.3, 0.6)
+        cx = rng.choice([0.28, 0.72])
+        img += 0.35 * _sign(signs, "Nodule", labels, y, x, cy, cx, 0.025, 0.025)
     if labels["Pneumothorax"]:                                                    # frontal only
         cx = rng.choice([0.24, 0.76])
-        img -= 0.18 * _blob(y, x, 0.3, cx, 0.12, 0.05)
+        img -= 0.18 * _sign(signs, "Pneumothorax", labels, y, x, 0.3, cx, 0.12, 0.05)
     return img
 
 
-def _lateral(rng, size, labels) -> np.ndarray:
+def _lateral(rng, size, labels, signs) -> np.ndarray:
     y, x = _grid(size)
     img = 0.15 + 0.55 * _blob(y, x, 0.55, 0.5, 0.5, 0.36)                       # body
     img -= 0.3 * _blob(y, x, 0.45, 0.5 + rng.normal(0, 0.01), 0.3, 0.22)          # lungs overlapped
     img += 0.3 * _blob(y, x, 0.55, 0.8, 0.45, 0.05)                              # spine (posterior)
     heart_r = 0.17 if labels["Cardiomegaly"] else 0.11                           # both views
-    img += 0.3 * _blob(y, x, 0.62, 0.36, heart_r * 0.9, heart_r)
+    img += 0.3 * _sign(signs, "Cardiomegaly", labels, y, x, 0.62, 0.36, heart_r * 0.9, heart_r)
     if labels["Lung Opacity"]:                                                    # both views
-        img += 0.22 * _blob(y, x, rng.uniform(0.35, 0.55), 0.5, 0.08, 0.08, soft=0.3)
+        img += 0.22 * _sign(signs, "Lung Opacity", labels, y, x, rng.uniform(0.35, 0.55), 0.5, 0.08, 0.08, soft=0.3)
     if labels["Posterior Mass"]:                                                  # lateral only
-        img += 0.3 * _blob(y, x, rng.uniform(0.4, 0.6), 0.66, 0.05, 0.04)
+        img += 0.3 * _sign(signs, "Posterior Mass", labels, y, x, rng.uniform(0.4, 0.6), 0.66, 0.05, 0.04)
     if labels["Vertebral Fracture"]:                                              # lateral only
         cy = rng.uniform(0.4, 0.75)
-        img -= 0.3 * _blob(y, x, cy, 0.8, 0.012, 0.06)
+        img -= 0.3 * _sign(signs, "Vertebral Fracture", labels, y, x, cy, 0.8, 0.012, 0.06)
     if labels["Hiatal Hernia"]:                                                   # lateral only
-        img -= 0.25 * _blob(y, x, 0.78, 0.55, 0.04, 0.05)
+        img -= 0.25 * _sign(signs, "Hiatal Hernia", labels, y, x, 0.78, 0.55, 0.04, 0.05)
     return img
 
 
-def _finish(rng, img: np.ndarray, size: int) -> np.ndarray:
+def _sign(signs: dict, name: str, labels, y, x, cy, cx, ry, rx, soft=0.08) -> np.ndarray:
+    """Draw a blob; when it is the visible sign of a positive finding, record its box (the blob's
+    half-intensity ellipse, fractions of the image: cy, cx, ry, rx) under the finding's name."""
+    if labels[name]:
+        signs[name] = (cy, cx, ry, rx)
+    return _blob(y, x, cy, cx, ry, rx, soft)
+
+
+def _finish(rng, img: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Exposure, noise and a random shift (rows, cols; wrapping) -> (uint8 pixels, the shift)."""
     img = img * rng.uniform(0.85, 1.15) + rng.normal(0, 0.03)                    # exposure
     img = img + rng.normal(0, 0.025, size=img.shape)                              # noise
     shift = rng.integers(-size // 20, size // 20 + 1, size=2)
     img = np.roll(img, tuple(shift), axis=(0, 1))
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8), (int(shift[0]), int(shift[1]))
+
+
+def _box_pixels(sign: tuple[float, float, float, float], shift: tuple[int, int], size: int) -> dict:
+    """A recorded sign -> its box in the written image's pixels (x0, y0 inclusive; x1, y1 exclusive),
+    after the image's shift, clipped to the image."""
+    cy, cx, ry, rx = sign
+    y0, y1 = (cy - ry) * size + shift[0], (cy + ry) * size + shift[0]
+    x0, x1 = (cx - rx) * size + shift[1], (cx + rx) * size + shift[1]
+    clip = lambda v: float(min(max(v, 0.0), size))  # noqa: E731
+    return {"x0": clip(x0), "y0": clip(y0), "x1": clip(x1), "y1": clip(y1)}
+
+
+def read_signs(path: str | Path) -> pl.DataFrame:
+    """The demo's sign boxes (``signs.parquet`` beside its manifest): one row per image and positive
+    finding whose sign that image shows; columns image_id, finding, x0, y0, x1, y1 (pixels of the
+    image file, x1/y1 exclusive). A positive finding has no row in a view that does not show it
+    (a lateral-only sign on a frontal image)."""
+    return pl.read_parquet(path)
 
 
 def _study_labels(rng) -> dict[str, int]:
@@ -121,10 +150,11 @@ def _study_labels(rng) -> dict[str, int]:
 
 def make_demo_data(out: str | Path, studies: int = 1000, seed: int = 0, size: int = 160,
                    val_fraction: float = 0.15, test_fraction: float = 0.15) -> Path:
-    """Write ``out/images/*.png`` and ``out/manifest.parquet``; return the manifest path."""
+    """Write ``out/images/*.png``, ``out/manifest.parquet`` and ``out/signs.parquet`` (where each
+    image shows each positive finding's sign, see :func:`read_signs`); return the manifest path."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, boxes = [], []
     for s in range(studies):
         rng = np.random.default_rng([seed, s])
         labels = _study_labels(rng)
@@ -141,8 +171,11 @@ def make_demo_data(out: str | Path, studies: int = 1000, seed: int = 0, size: in
         study = f"study{s:05d}"
         for j, view in enumerate(views):
             draw = _lateral if view == "LATERAL" else _frontal
-            pixels = _finish(rng, draw(rng, size, labels), size)
+            signs: dict[str, tuple[float, float, float, float]] = {}
+            pixels, shift = _finish(rng, draw(rng, size, labels, signs), size)
             name = f"{study}_{j}_{view.lower()}.png"
+            boxes += [{"image_id": f"{study}_{j}", "finding": finding, **_box_pixels(sign, shift, size)}
+                      for finding, sign in signs.items()]
             Image.fromarray(pixels, mode="L").save(out / "images" / name, optimize=False, compress_level=1)
             rows.append({"image_id": f"{study}_{j}", "study_id": study, "subject_id": subject,
                          "view": view, "path": name, **{c: float(labels[c]) for c in CLASS_NAMES}})
@@ -151,4 +184,6 @@ def make_demo_data(out: str | Path, studies: int = 1000, seed: int = 0, size: in
     manifest = build_manifest(ids, df.select(list(CLASS_NAMES)))
     manifest = assign_splits(manifest, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     manifest = validate(manifest, source="demo manifest")
+    schema = {"image_id": pl.Utf8, "finding": pl.Utf8, **{k: pl.Float64 for k in ("x0", "y0", "x1", "y1")}}
+    pl.DataFrame(boxes, schema=schema).write_parquet(out / "signs.parquet")
     return write_manifest(manifest, out / "manifest.parquet")

@@ -193,10 +193,11 @@ class ImageClassifier(nn.Module):
         """[B, in_chans, H, W] -> last-stage feature map [B, C, H/stride, W/stride]."""
         return self.backbone.forward_features(x)
 
-    def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] -> logits [B, K]."""
-        return self.head(fmap)
+    def forward_head(self, fmap: torch.Tensor, return_attention: bool = False):
+        """[B, C, h, w] -> logits [B, K]; with ``return_attention`` also the head's cross-attention
+        [B, K, h*w] (row-major over the map, averaged over heads)."""
+        return self.head(fmap, return_attention=return_attention)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, in_chans, H, W] -> logits [B, K]."""
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """[B, in_chans, H, W] -> logits [B, K] (and attention [B, K, h*w], see forward_head)."""
+        return self.forward_head(self.forward_features(x), return_attention=return_attention)

@@ -27,6 +27,11 @@ class FusionModel(nn.Module):
       1 lateral, 2 other; used with ``view_embedding``).
 
     ``query_norm`` is the ML-Decoder head's (see :class:`~chx.models.ml_decoder.MLDecoder`).
+
+    Returns logits [B, K]; with ``return_attention=True`` also the head's cross-attention of each
+    class query over all tokens of the study, averaged over heads, [B, K, V * h' * w']: slot v's
+    tokens are ``[v*h'*w', (v+1)*h'*w')``, row-major over its projected map (h', w' =
+    :meth:`token_grid` of the feature map's size). Padding slots get exactly 0.
     """
 
     def __init__(self, in_dim: int, num_classes: int, dim: int | None = None, max_views: int = 4,
@@ -58,8 +63,13 @@ class FusionModel(nn.Module):
         before the option existed: its model had no query norm."""
         return cls(**{"query_norm": False, **config})
 
+    @staticmethod
+    def token_grid(h: int, w: int) -> tuple[int, int]:
+        """Token grid (h', w') of one view's [C, h, w] map after the 3x3 stride-2 projection."""
+        return (h + 1) // 2, (w + 1) // 2
+
     def forward(self, features: torch.Tensor, view_mask: torch.Tensor,
-                view_types: torch.Tensor | None = None) -> torch.Tensor:
+                view_types: torch.Tensor | None = None, return_attention: bool = False):
         b, v, c, h, w = features.shape
         if v > self.max_views:
             raise ValueError(f"{v} view slots given; the model has {self.max_views}")
@@ -79,4 +89,4 @@ class FusionModel(nn.Module):
         padding = (~view_mask.bool())[:, :, None].expand(b, v, hh * ww).reshape(b, v * hh * ww)
         if self.encoder is not None:
             tokens = self.encoder(tokens, src_key_padding_mask=padding)
-        return self.head(tokens, key_padding_mask=padding)
+        return self.head(tokens, key_padding_mask=padding, return_attention=return_attention)

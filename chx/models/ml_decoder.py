@@ -50,7 +50,10 @@ class MLDecoder(nn.Module):
     Forward:
         ``x`` [B, C, H, W] (feature map) or [B, N, C] (tokens); optional ``key_padding_mask``
         [B, N] bool, True = ignore that token (token input only; every row must keep at least one
-        token). Returns logits [B, K].
+        token). Returns logits [B, K]; with ``return_attention=True`` also the cross-attention of
+        each class query over the tokens, averaged over heads, ``[B, K, N]`` (each row sums to 1;
+        N = H*W in row-major order for a map). The weights are computed only when asked, so the
+        default path keeps PyTorch's fused attention.
 
     The K queries are a fixed random buffer [K, D] (not trained, but saved in the state dict so a
     reloaded model is identical). The decoder layer has no query self-attention; it is post-norm
@@ -101,15 +104,18 @@ class MLDecoder(nn.Module):
             return torch.relu(self.embed(x))
         raise ValueError(f"MLDecoder expects [B, C, H, W] or [B, N, C], got shape {tuple(x.shape)}")
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         tokens = self._tokens(x, key_padding_mask)                                # [B, N, D]
         q = self.queries.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
         if self.query_norm is not None:
             # on the expanded queries, so that training draws a dropout mask per sample, as the
             # original does on its [K, B, D] copy
             q = self.query_norm(q + self.query_dropout(q))
-        attended, _ = self.cross_attn(q, tokens, tokens, key_padding_mask=key_padding_mask,
-                                      need_weights=False)
+        attended, attention = self.cross_attn(q, tokens, tokens, key_padding_mask=key_padding_mask,
+                                              need_weights=return_attention,
+                                              average_attn_weights=True)
         q = self.norm1(q + self.dropout1(attended))                               # [B, K, D]
         q = self.norm2(q + self.dropout2(self.ffn(q)))
-        return torch.einsum("bkd,kd->bk", q, self.group_weight.to(q.dtype)) + self.group_bias.to(q.dtype)
+        logits = torch.einsum("bkd,kd->bk", q, self.group_weight.to(q.dtype)) + self.group_bias.to(q.dtype)
+        return (logits, attention) if return_attention else logits
