@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from chx.errors import ChxError
-from chx.options import BackboneOptions, DemoConfig, ExtractOptions, FusionOptions, TrainConfig
+from chx.options import (BackboneOptions, DemoConfig, ExplainOptions, ExtractOptions, FusionOptions,
+                         JointOptions, TrainConfig)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -188,6 +189,9 @@ def train_options(f):
         _opt(T, "nonfinite", type=click.Choice(["stop", "skip"]),
              help="On a NaN/inf loss: stop (naming the step and images) or skip that batch."),
         _opt(T, "device", help="auto (cuda if available), cpu or cuda."),
+        _opt(T, "tensorboard", "--tensorboard/--no-tensorboard",
+             help="Also write the training loss, learning rate and validation metrics (per class too) "
+                  "as TensorBoard scalars into --out (needs the extra: pip install 'chx[tensorboard]')."),
         click.option("--resume", is_flag=True,
                      help="Continue the run in --out from its last.pt, exactly (options must be the run's)."),
         click.option("--overwrite", is_flag=True, help="Start again in an --out that already holds a run."),
@@ -202,7 +206,36 @@ def _train_config(kw: dict) -> TrainConfig:
     return TrainConfig(**{k: kw.pop(k) for k in list(kw) if k in names})
 
 
+def _option_specs(command: click.Command) -> list:
+    """The command's options as :class:`chx.config.OptionSpec` rows (what a config file may set)."""
+    from chx.config import OptionSpec
+
+    return [OptionSpec(p.name, next((o for o in p.opts if o.startswith("--")), p.opts[0]),
+                       (p.secondary_opts or [None])[0], p.is_flag, p.multiple, p.default)
+            for p in command.params if isinstance(p, click.Option) and p.expose_value]
+
+
+def _config_option(f):
+    """``--config FILE``: the file's values become the command's defaults (click's default_map).
+    The option is eager, so the file is read before any other option is: a value typed on the
+    command line still wins, and a required option may come from the file."""
+    def load(ctx, param, path):
+        if path is not None:
+            from chx.config import config_values
+
+            values = config_values(path, ctx.command.name, _option_specs(ctx.command))
+            ctx.default_map = {**(ctx.default_map or {}), **values}
+        return path
+
+    return click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        is_eager=True, expose_value=False, callback=load,
+                        help="YAML or JSON file of this command's options (names as the long options, "
+                             "without the dashes), or a run folder's config.json (the same run again); "
+                             "options on the command line override the file.")(f)
+
+
 @cli.command("train-backbone", context_settings=CONTEXT, short_help="Stage 1: ConvNeXt + ML-Decoder on images.")
+@_config_option
 @click.option("--manifest", "manifests", multiple=True, required=True,
               type=click.Path(path_type=Path),
               help="Manifest(s); repeat to train on their union (e.g. with a pseudo-labelled one). "
@@ -308,6 +341,7 @@ def pseudo_label(checkpoint, manifest, images, out, tta, batch_size, workers, de
 # ----------------------------------------------------------------------------------------- stage 2
 
 @cli.command("extract-features", context_settings=CONTEXT, short_help="Stage 2a: backbone maps -> feature store.")
+@_config_option
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
               help="Stage-1 checkpoint (best.pt of train-backbone); its preprocessing is reused.")
 @click.option("--manifest", required=True, type=click.Path(path_type=Path), help="Manifest of the images.")
@@ -357,6 +391,7 @@ def extract_features(checkpoint, manifest, images, store, pool, flip, batch_size
 
 
 @cli.command("train-fusion", context_settings=CONTEXT, short_help="Stage 2b: fusion transformer from the store.")
+@_config_option
 @click.option("--store", "store", required=True, help="Complete feature store from extract-features.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/fusion"),
               show_default=True, help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
@@ -374,11 +409,18 @@ def extract_features(checkpoint, manifest, images, store, pool, flip, batch_size
               help="Learnable embedding of each view slot.")
 @_opt(FusionOptions, "view_embedding", "--view-embedding/--no-view-embedding",
               help="Learnable embedding of the view type (frontal, lateral, other).")
+@_opt(FusionOptions, "view_experts", "--view-experts/--no-view-experts",
+              help="One projection (the 3x3 stride-2 conv) per view type (frontal, lateral, other); "
+                   "each view goes through its own type's projection only.")
+@_opt(FusionOptions, "experts", type=click.IntRange(min=0),
+              help="A mixture of this many projections, mixed with weights learned per view type "
+                   "(0 = off: one shared projection; >= 2; not with --view-experts).")
 @_opt(FusionOptions, "shuffle", "--shuffle/--no-shuffle",
               help="Random view order in training (order must carry no information).")
 @_opt(FusionOptions, "balance", "--balance/--no-balance", help="Class-aware sampling of studies.")
 @_opt(FusionOptions, "flip_aug", "--flip-aug/--no-flip-aug",
               help="Use the store's flipped maps for a random half of the training studies (stores made with --flip).")
+@_opt(FusionOptions, "eval_batch_size", type=click.IntRange(min=1), help="Studies per validation batch.")
 @_opt(FusionOptions, "soft_targets", type=click.Choice(["expected", "reference"]),
       help="The loss on soft (pseudo) labels: expected (linear in the label: the expected loss of a "
            "hard label drawn with that probability) or reference (the CheXFusion code's formula, "
@@ -392,8 +434,8 @@ def extract_features(checkpoint, manifest, images, store, pool, flip, batch_size
                    "its free memory, else ram when they fit in half the available memory, else off.")
 @train_options
 def train_fusion(store, out, max_views, encoder_layers, dim, heads, ffn_dim, dropout, pos_enc,
-                 segment_embedding, view_embedding, shuffle, balance, flip_aug, soft_targets,
-                 buffer_shards, preload, resume, overwrite, **kw):
+                 segment_embedding, view_embedding, view_experts, experts, shuffle, balance, flip_aug,
+                 eval_batch_size, soft_targets, buffer_shards, preload, resume, overwrite, **kw):
     """Stage 2b: train the CheXFusion transformer from the feature store alone.
 
     No image is read and no backbone is run.
@@ -408,9 +450,68 @@ def train_fusion(store, out, max_views, encoder_layers, dim, heads, ffn_dim, dro
     opts = FusionOptions(max_views=max_views, encoder_layers=encoder_layers, dim=dim, heads=heads,
                          ffn_dim=ffn_dim, dropout=dropout, pos_enc=pos_enc,
                          segment_embedding=segment_embedding, view_embedding=view_embedding,
+                         view_experts=view_experts, experts=experts,
                          shuffle=shuffle, balance=balance, flip_aug=flip_aug, soft_targets=soft_targets,
-                         buffer_shards=buffer_shards, preload=preload)
+                         buffer_shards=buffer_shards, preload=preload, eval_batch_size=eval_batch_size)
     _report_fit(run(store, out, opts, cfg, resume=resume, overwrite=overwrite))
+
+
+@cli.command("train-joint", context_settings=CONTEXT,
+             short_help="Backbone + fusion fine-tuned together from images.")
+@_config_option
+@click.option("--manifest", required=True, type=click.Path(path_type=Path),
+              help="Manifest of the images; split 'train' (or none) trains, 'val' validates (per study).")
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Images root of the manifest.")
+@click.option("--backbone", required=True, type=click.Path(path_type=Path),
+              help="Stage-1 checkpoint (best.pt of train-backbone) to start the backbone from; its "
+                   "preprocessing is used.")
+@click.option("--fusion", type=click.Path(path_type=Path), default=None,
+              help="Fusion checkpoint trained on that backbone's store to start the fusion model from "
+                   "(its architecture, view slots and the store's pooling).  [default: a fresh fusion "
+                   "model with train-fusion's defaults, on unpooled maps]")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/joint"),
+              show_default=True, help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
+@click.option("--max-views", type=click.IntRange(min=1), default=JointOptions.max_views,
+              help="View slots per study (more views: a random subset in training, a fixed choice at "
+                   "evaluation); with --fusion it must be that model's.  [default: the --fusion "
+                   f"model's, else {FusionOptions.max_views}]")
+@_opt(JointOptions, "backbone_lr_mult", type=click.FloatRange(min=0),
+      help="The backbone's learning rate is --lr x this (the fusion model's is --lr); 0 keeps the "
+           "backbone's weights fixed.")
+@_opt(JointOptions, "grad_checkpointing", "--grad-checkpointing/--no-grad-checkpointing",
+      help="Recompute the backbone's activations in the backward pass: less memory, more compute, "
+           "the same losses.")
+@_opt(JointOptions, "shuffle", "--shuffle/--no-shuffle",
+      help="Random view order in training (order must carry no information).")
+@_opt(JointOptions, "balance", "--balance/--no-balance", help="Class-aware sampling of studies.")
+@_opt(JointOptions, "tta", "--tta/--no-tta",
+      help="Validation (and the exported bundle) with the mean of the views and their horizontal flips.")
+@_opt(JointOptions, "eval_batch_size", type=click.IntRange(min=1), help="Studies per validation batch.")
+@_opt(JointOptions, "soft_targets", type=click.Choice(["expected", "reference"]),
+      help="The loss on soft (pseudo) labels: expected (linear in the label) or reference (the "
+           "CheXFusion code's formula). Equal on 0/1 labels.")
+@train_options
+def train_joint(manifest, images, backbone, fusion, out, max_views, backbone_lr_mult, grad_checkpointing,
+                shuffle, balance, tta, eval_batch_size, soft_targets, resume, overwrite, **kw):
+    """Fine-tune the stage-1 backbone and the fusion model together, end to end from images.
+
+    Each view's backbone map feeds the fusion model as the store would hold it (same pooling,
+    float16); the same trainer and loss as the other stages; --batch-size counts studies.
+    The checkpoint works with `chx export --joint`, `chx predict --joint` and `chx evaluate`.
+
+    \b
+    Example:
+      chx train-joint --manifest covid.parquet --images covid-cxr/images \\
+          --backbone runs/covid-b/best.pt --fusion runs/covid-f/best.pt --epochs 2 -o runs/covid-j
+    """
+    from chx.pipeline.train_joint import train_joint as run
+
+    cfg = _train_config(kw)
+    opts = JointOptions(max_views=max_views, backbone_lr_mult=backbone_lr_mult,
+                        grad_checkpointing=grad_checkpointing, shuffle=shuffle, balance=balance, tta=tta,
+                        eval_batch_size=eval_batch_size, soft_targets=soft_targets)
+    _report_fit(run(manifest, images, backbone, out, opts, cfg, fusion=fusion, resume=resume,
+                    overwrite=overwrite))
 
 
 @cli.group("store", cls=_Group, context_settings=CONTEXT,
@@ -494,11 +595,12 @@ def store_verify(path, as_json):
 # ----------------------------------------------------------------------------------------- evaluate
 
 @cli.command("evaluate", context_settings=CONTEXT, short_help="Long-tail metrics, report and plots.")
+@_config_option
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="A backbone or fusion checkpoint (best.pt).")
+              help="A backbone, fusion or joint (train-joint) checkpoint (best.pt).")
 @click.option("--store", default=None, help="Feature store (for a fusion checkpoint).")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
-              help="Manifest (for a backbone checkpoint), with --images.")
+              help="Manifest (for a backbone or joint checkpoint), with --images.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Images root of --manifest.")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
@@ -508,7 +610,8 @@ def store_verify(path, as_json):
               help="Head/medium/tail by training frequency: thirds of the rank; cxr-lt: CXR-LT 2023's 8/10/8 of "
                    "its 26 classes; prevalence: head > 10 %, tail < 1 % training prevalence (CXR-LT 2024, any list).")
 @click.option("--views", type=click.Choice(["all", "frontal", "lateral"]), default="all", show_default=True,
-              help="Fusion only: keep only these views of each study (robustness to a missing view).")
+              help="Fusion and joint checkpoints: keep only these views of each study (robustness to a "
+                   "missing view).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder: metrics.json, per_class.csv, summary.md, plots.  [default: eval-SPLIT]")
 @click.option("--compare", "compare_runs", multiple=True, type=click.Path(path_type=Path),
@@ -600,24 +703,45 @@ def compare(backbone, fusion, manifest, images, store, split, groups, out, batch
 
 # ----------------------------------------------------------------------------------------- inference
 
-@cli.command("export", context_settings=CONTEXT, short_help="Bundle stage-1 + fusion weights for predict.")
-@click.option("--backbone", required=True, type=click.Path(path_type=Path), help="Stage-1 checkpoint.")
-@click.option("--fusion", required=True, type=click.Path(path_type=Path),
+@cli.command("export", context_settings=CONTEXT,
+             short_help="Both models for predict: one file, a Hugging Face folder or ONNX graphs.")
+@click.option("--backbone", type=click.Path(path_type=Path), default=None, help="Stage-1 checkpoint.")
+@click.option("--fusion", type=click.Path(path_type=Path), default=None,
               help="Fusion checkpoint trained on that backbone's features.")
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("model.chx"),
-              show_default=True, help="Bundle file to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
-def export(backbone, fusion, out, overwrite):
-    """Bundle both models' weights, the class names and the preprocessing into one file.
+@click.option("--joint", type=click.Path(path_type=Path), default=None,
+              help="Instead of --backbone and --fusion: a train-joint checkpoint (it holds both).")
+@click.option("--format", "fmt", type=click.Choice(["bundle", "hf", "onnx"]), default="bundle", show_default=True,
+              help="bundle: one file; hf: a Hugging Face folder (model.safetensors, config.json and a "
+                   "generated model card README.md); onnx: backbone.onnx and fusion.onnx (dynamic batch "
+                   "and views, checked against torch) with config.json, for --runtime onnxruntime "
+                   "(needs pip install 'chx[onnx]').")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="File (bundle) or folder (hf, onnx) to write.  [default: model.chx, model-hf or model-onnx]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o file or folder.")
+def export(backbone, fusion, joint, fmt, out, overwrite):
+    """Export both models' weights, the class names and the preprocessing for `chx predict` and
+    other tools. Everything loads offline; nothing is uploaded (push an hf folder with your own tools).
 
     \b
-    Example:
+    Examples:
       chx export --backbone runs/b/best.pt --fusion runs/f/best.pt -o model.chx
+      chx export --joint runs/j/best.pt -o model.chx
+      chx export --backbone runs/b/best.pt --fusion runs/f/best.pt --format hf -o model-hf
+      chx export --backbone runs/b/best.pt --fusion runs/f/best.pt --format onnx -o model-onnx
     """
-    from chx.pipeline.predict import export_bundle
+    from chx.pipeline import export as stage
 
+    out = out or Path({"bundle": "model.chx", "hf": "model-hf", "onnx": "model-onnx"}[fmt])
     _refuse_existing(out, overwrite)
-    b = export_bundle(backbone, fusion, out)
+    if fmt == "bundle":
+        b = stage.export_bundle(backbone, fusion, out, joint=joint)
+    elif fmt == "hf":
+        specs = {name: _option_specs(command) for name, command in cli.commands.items()}
+        b = stage.export_hf(backbone, fusion, out, specs, joint=joint)
+    else:
+        r = stage.export_onnx(backbone, fusion, out, joint=joint)
+        b = r["bundle"]
+        click.echo(f"checked: ONNX Runtime's probabilities are within {r['max_abs_diff']:.1e} of torch's")
     click.echo(f"wrote {out}: {len(b['class_names'])} classes, backbone "
                f"{b['backbone']['model_config']['backbone_name']} at {b['backbone']['preprocess']['size']} px")
 
@@ -664,10 +788,13 @@ def import_reference(ckpt, kind, classes, backbone_name, out, overwrite):
 
 
 @cli.command("predict", context_settings=CONTEXT, short_help="Study probabilities for new images.")
-@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="File from `chx export`.")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None,
+              help="File or folder from `chx export` (--format bundle or hf; onnx with --runtime onnxruntime).")
 @click.option("--backbone", type=click.Path(path_type=Path), default=None,
               help="Stage-1 checkpoint (instead of --bundle, with --fusion).")
 @click.option("--fusion", type=click.Path(path_type=Path), default=None, help="Fusion checkpoint.")
+@click.option("--joint", type=click.Path(path_type=Path), default=None,
+              help="A train-joint checkpoint (it holds both models; instead of --bundle).")
 @click.option("--studies", "studies_dir", type=click.Path(path_type=Path), default=None,
               help="A folder holding one sub-folder of images (PNG, JPEG, DICOM) per study.")
 @click.option("--files", multiple=True, type=click.Path(path_type=Path),
@@ -687,17 +814,24 @@ def import_reference(ckpt, kind, classes, backbone_name, out, overwrite):
                    "cxr-lt-2026: the same keyed by ImageID (the image's file name), 30 classes.  "
                    "[default: from the -o suffix: .json, .parquet, else csv]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
-def predict(bundle, backbone, fusion, studies_dir, files, study_id, more_files, manifest, images, out, fmt,
-            device, overwrite):
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="torch, or onnxruntime: the graphs of `chx export --format onnx` (--bundle DIR) on the CPU, "
+                   "the same preprocessing (needs pip install 'chx[onnx]').")
+@click.option("--explain", "explain_out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write explanations into this folder, as `chx explain` does: one PNG per study "
+                   "(its top findings' attention on each view), explain.json and index.html.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o file (and --explain folder).")
+def predict(bundle, backbone, fusion, joint, studies_dir, files, study_id, more_files, manifest, images, out, fmt,
+            device, runtime, explain_out, overwrite):
     """Run stage 1 + fusion end to end on new studies, with training's preprocessing; deterministic.
 
     \b
     Examples:
       chx predict --bundle model.chx --files frontal.dcm lateral.dcm --study-id s1 -o s1.csv
       chx predict --bundle model.chx --studies new-studies/ -o predictions.csv
+      chx predict --bundle model-onnx --runtime onnxruntime --studies new-studies/ -o predictions.csv
     """
-    from chx.pipeline.predict import Predictor, collect_inputs
+    from chx.pipeline.predict import collect_inputs, load_predictor
     from chx.pipeline.predict import predict as run
 
     from chx.pipeline.predict import output_format
@@ -705,11 +839,101 @@ def predict(bundle, backbone, fusion, studies_dir, files, study_id, more_files, 
     files = _values_then_extras("--files", files, more_files)
     fmt = output_format(out, fmt)
     _refuse_existing(out, overwrite)
+    if explain_out is not None:
+        if runtime != "torch":
+            raise ChxError("--explain needs the models' attention: use it with --runtime torch")
+        _refuse_existing(explain_out, overwrite)
     inputs = collect_inputs(studies_dir, files or None, manifest, images, study_id=study_id)
-    predictor = Predictor.load(bundle, backbone, fusion, device=device)
+    predictor = load_predictor(runtime, bundle, backbone, fusion, joint=joint, device=device)
     table = run(predictor, inputs, out, fmt)
     click.echo(f"wrote {out}: {table.height:,} rows ({inputs['study_id'].n_unique():,} studies, "
                f"{inputs.height:,} images)")
+    if explain_out is not None:
+        from chx.pipeline.explain import FusionExplainer
+        from chx.pipeline.explain import explain as run_explain
+
+        _report_explain(run_explain(FusionExplainer(predictor), inputs, explain_out, ExplainOptions.top_k),
+                        explain_out)
+
+
+def _explainer(bundle, backbone, fusion, checkpoint, method, device):
+    """The explainer of the model(s) given: a stage-1 ``checkpoint`` alone, or the fusion pair."""
+    from chx.pipeline.explain import FusionExplainer, ImageExplainer
+    from chx.pipeline.predict import Predictor
+
+    if checkpoint is not None:
+        if bundle or backbone or fusion:
+            raise ChxError("--checkpoint (a stage-1 model on its own) does not go with --bundle, --backbone "
+                           "or --fusion: give one model")
+        return ImageExplainer.load(checkpoint, device=device, method=method)
+    if method != "attention":
+        raise ChxError(f"--method {method} needs --checkpoint (a stage-1 model); fusion maps are its "
+                       f"attention: drop --method or give --checkpoint")
+    return FusionExplainer(Predictor.load(bundle, backbone, fusion, device=device))
+
+
+def _report_explain(doc: dict, out: Path) -> None:
+    n = len(doc["studies"])
+    click.echo(f"wrote {out}/: {n:,} figure{'' if n == 1 else 's'}, explain.json, index.html (open it in a "
+               f"browser)")
+
+
+@cli.command("explain", context_settings=CONTEXT, short_help="Which view and region drove each finding.")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None,
+              help="File from `chx export`: maps of the fusion model's attention over all views.")
+@click.option("--backbone", type=click.Path(path_type=Path), default=None,
+              help="Stage-1 checkpoint (instead of --bundle, with --fusion).")
+@click.option("--fusion", type=click.Path(path_type=Path), default=None, help="Fusion checkpoint.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="A stage-1 checkpoint alone (instead of the fusion models): single-image maps, each "
+                   "image with its own probabilities.")
+@click.option("--studies", "studies_dir", type=click.Path(path_type=Path), default=None,
+              help="A folder holding one sub-folder of images (PNG, JPEG, DICOM) per study.")
+@click.option("--files", multiple=True, type=click.Path(path_type=Path),
+              help="Image files of ONE study: --files a.dcm b.dcm (or repeat the option).")
+@click.option("--study-id", default="study", show_default=True, help="Study id of the --files study.")
+@click.argument("more_files", nargs=-1, type=click.Path(path_type=Path), metavar="")
+@click.option("--manifest", type=click.Path(path_type=Path), default=None,
+              help="A manifest (labels not needed) listing the images and their studies.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Images root of --manifest.")
+@click.option("--split", default=None, help="Only the --manifest images of this split (e.g. test).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N studies.")
+@_opt(ExplainOptions, "top_k", type=click.IntRange(min=1),
+      help="Rows of each figure: the study's most probable findings.")
+@click.option("--classes", default=None, metavar="LIST",
+              help="Comma-separated class names to show (in this order) instead of the top-k.")
+@_opt(ExplainOptions, "method", type=click.Choice(["attention", "grad-cam"]),
+      help="attention: the ML-Decoder head's cross-attention (one map per finding); grad-cam: Grad-CAM on "
+           "the last feature map (with --checkpoint only).")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("explanations"),
+              show_default=True, help="Output folder: one PNG per study, explain.json, index.html.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o folder.")
+def explain(bundle, backbone, fusion, checkpoint, studies_dir, files, study_id, more_files, manifest, images,
+            split, limit, top_k, classes, method, out, device, overwrite):
+    """Show which view and which region drove each finding: per study one PNG (rows: findings,
+    columns: views, each image with the finding's map on its own pixels, captioned with the
+    probability and the view's share of the attention), explain.json (probabilities, shares, peaks
+    in image pixels) and index.html, a gallery that opens offline in a browser.
+
+    \b
+    Examples:
+      chx explain --bundle model.chx --files frontal.png lateral.png --study-id s1 -o s1-explained
+      chx explain --bundle model.chx --manifest m.parquet --images imgs/ --split test --limit 20 -o ex
+      chx explain --checkpoint runs/b/best.pt --files x.png -o x-explained
+    """
+    from chx.pipeline.explain import explain as run
+    from chx.pipeline.explain import select_studies
+    from chx.pipeline.predict import collect_inputs
+
+    files = _values_then_extras("--files", files, more_files)
+    _refuse_existing(out, overwrite)
+    inputs = collect_inputs(studies_dir, files or None, manifest, images, study_id=study_id)
+    inputs = select_studies(inputs, manifest, split, limit)
+    explainer = _explainer(bundle, backbone, fusion, checkpoint, method, device)
+    chosen = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    _report_explain(run(explainer, inputs, out, top_k, chosen), out)
 
 
 # ----------------------------------------------------------------------------------------- demo
@@ -719,15 +943,20 @@ def predict(bundle, backbone, fusion, studies_dir, files, study_id, more_files, 
 @click.option("--studies", type=click.IntRange(min=10), default=1000, show_default=True, help="Number of studies.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (same seed, same files).")
 @click.option("--size", type=click.IntRange(min=32), default=160, show_default=True, help="Image size in pixels.")
-def make_demo_data(out, studies, seed, size):
-    """Write a synthetic multi-view dataset: OUT/images/*.png and OUT/manifest.parquet.
+@_opt(DemoConfig, "views", type=click.IntRange(3, 4),
+      help="Most views per study: 3, the standard demo; 4, the 4-view variant (PA, AP, LATERAL, LL; "
+           "a one-view-type sign shows in one of the study's views of that type).")
+def make_demo_data(out, studies, seed, size, views):
+    """Write a synthetic multi-view dataset: OUT/images/*.png, OUT/manifest.parquet and
+    OUT/signs.parquet (the box of each drawn sign).
 
     Frontal + lateral views per study (some with one, a few with three); long-tailed findings whose
-    signs show in both views, only the frontal or only the lateral view; split by patient.
+    signs show in both views, only the frontal or only the lateral view; split by patient. With
+    --views 4: studies of 1-4 views, for choosing how many views to fuse (train-fusion --max-views).
     """
     from chx.data.demo import make_demo_data as run
 
-    path = run(out, studies=studies, seed=seed, size=size)
+    path = run(out, studies=studies, seed=seed, size=size, max_views=views)
     click.echo(f"wrote {path} and {out / 'images'}")
 
 
@@ -749,8 +978,10 @@ def make_demo_data(out, studies, seed, size):
 @_opt(DemoConfig, "fusion_lr", type=float, help="Stage-2 learning rate.")
 @_opt(DemoConfig, "workers", type=click.IntRange(min=0), help="DataLoader workers.")
 @_opt(DemoConfig, "seed", type=int, help="Seed of data, splits and training.")
+@_opt(DemoConfig, "views", type=click.IntRange(3, 4),
+      help="Most views per synthetic study: 3, the standard demo; 4, the 4-view variant (see make-demo-data).")
 def demo(out, manifest, images, studies, size, model, backbone_epochs, backbone_lr, fusion_epochs,
-         fusion_lr, workers, seed):
+         fusion_lr, workers, seed, views):
     """Run the whole pipeline: data -> train-backbone -> extract-features -> train-fusion ->
     comparison of fusion with the stage-1 model's per-study aggregations (mean, max,
     view-weighted, frontal-only, lateral-only) on the test split.
@@ -765,7 +996,7 @@ def demo(out, manifest, images, studies, size, model, backbone_epochs, backbone_
         raise ChxError("--manifest and --images go together (the manifest's paths are relative to --images)")
     cfg = DemoConfig(studies=studies, size=size, model=model, backbone_epochs=backbone_epochs,
                      backbone_lr=backbone_lr, fusion_epochs=fusion_epochs, fusion_lr=fusion_lr,
-                     workers=workers, seed=seed)
+                     workers=workers, seed=seed, views=views)
     result = run_demo(out, cfg, manifest=manifest, images=images, echo=click.echo)
     if manifest is None:
         from chx.data.demo import visibility

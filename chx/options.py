@@ -35,6 +35,7 @@ class TrainConfig:
     nonfinite: str = "stop"       # stop | skip: what a NaN/inf loss does
     device: str = "auto"
     progress_every: float = 30.0  # seconds between progress lines when stderr is not a terminal
+    tensorboard: bool = False     # also write loss, lr and validation metrics as TensorBoard scalars
 
     def validate(self) -> None:
         checks = [
@@ -86,6 +87,8 @@ class FusionOptions:
     pos_enc: bool = True
     segment_embedding: bool = True
     view_embedding: bool = False
+    view_experts: bool = False   # one projection per view type (frontal, lateral, other), hard-routed
+    experts: int = 0             # E >= 2: a mixture of E projections gated by the view type; 0 = off
     shuffle: bool = True
     balance: bool = False
     flip_aug: bool = True
@@ -105,6 +108,34 @@ class FusionOptions:
             raise ChxError(f"--preload {self.preload}: use auto, ram, gpu or off")
         if self.buffer_shards < 1:
             raise ChxError(f"--buffer-shards {self.buffer_shards}: must be >= 1")
+        if self.experts == 1 or self.experts < 0:
+            raise ChxError(f"--experts {self.experts}: must be 0 (off) or >= 2 (a mixture of experts)")
+        if self.view_experts and self.experts:
+            raise ChxError(f"--view-experts and --experts {self.experts} exclude each other: give one "
+                           f"(hard routing by view type, or a mixture gated by the view type)")
+
+
+@dataclass
+class JointOptions:
+    """Options of `chx train-joint`: the stage-1 backbone and the fusion model fine-tuned together
+    from images (model architecture: the --backbone and --fusion checkpoints', or the fusion
+    defaults above for a fresh fusion model)."""
+
+    max_views: int | None = None     # None: the --fusion model's, else FusionOptions.max_views
+    backbone_lr_mult: float = 0.1    # the backbone trains at lr x this; the fusion model at lr
+    grad_checkpointing: bool = False
+    shuffle: bool = True             # random view order in training, as train-fusion
+    balance: bool = False            # class-aware sampling of studies
+    tta: bool = True                 # validation (and the exported bundle) with flip TTA
+    eval_batch_size: int = 16        # studies per validation batch
+    soft_targets: str = "expected"   # expected | reference: the loss on soft (pseudo) labels
+
+    def validate(self) -> None:
+        if self.max_views is not None and self.max_views < 1:
+            raise ChxError(f"--max-views {self.max_views}: must be >= 1")
+        if self.backbone_lr_mult < 0:
+            raise ChxError(f"--backbone-lr-mult {self.backbone_lr_mult}: must be >= 0 (0 freezes the "
+                           f"backbone)")
 
 
 @dataclass
@@ -137,6 +168,14 @@ class ExtractOptions:
 
 
 @dataclass
+class ExplainOptions:
+    """Options of `chx explain` (and `chx predict --explain`)."""
+
+    top_k: int = 4                # findings per study figure, by probability
+    method: str = "attention"     # attention | grad-cam (grad-cam: stage-1 checkpoints only)
+
+
+@dataclass
 class DemoConfig:
     studies: int = 1000
     size: int = 128
@@ -148,3 +187,4 @@ class DemoConfig:
     batch_size: int = 16
     workers: int = 2
     seed: int = 0
+    views: int = 3          # synthetic data's most views per study: 3 standard, 4 the 4-view variant

@@ -14,7 +14,10 @@ import pytest
 from helpers import ROOT
 
 PACKAGE = ROOT / "chx"
-STAGES = {"train_backbone", "extract", "train_fusion", "evaluate", "predict", "pseudo_label", "prepare"}
+# Every module of chx/pipeline is a stage, except those that compose stages (demo, compare) and the
+# helpers stages share (report, aggregate): a new stage is checked without being listed here.
+NOT_STAGES = {"__init__", "demo", "compare", "report", "aggregate"}
+STAGES = {p.stem for p in (PACKAGE / "pipeline").glob("*.py")} - NOT_STAGES
 LOWER = ("chx.data", "chx.models", "chx.store", "chx.losses", "chx.metrics")
 
 

@@ -31,7 +31,7 @@ def one_line(code, err, expected):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, covid_backbone, covid_models):
     out = tmp_path_factory.mktemp("bundle") / "model.chx"
-    from chx.pipeline.predict import export_bundle
+    from chx.pipeline.export import export_bundle
 
     export_bundle(covid_backbone, covid_models["fusion"], out)
     return out

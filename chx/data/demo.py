@@ -6,6 +6,12 @@ and each leaves a visual sign that is visible in BOTH views, ONLY in the frontal
 lateral view. A model that sees one view cannot reach what a model that fuses the views can: that
 is what the demo shows.
 
+The 4-view variant (``max_views=4``) asks how many views to fuse: studies of 1-4 views (PA, AP,
+LATERAL and a second lateral, LL; see :data:`FOUR_VIEW_SETS`), where a frontal-only sign shows in
+ONE of the study's frontal views and a lateral-only sign in ONE of its lateral views (chosen at
+random), while both-view signs show in every view. Fusing only the first N views in the
+deterministic order (PA, AP, LATERAL, LL) then misses signs that fusing all of them sees.
+
 Everything derives from ``(seed, study number)``, so the same arguments give the same files.
 """
 
@@ -21,6 +27,8 @@ from PIL import Image
 
 from chx.data.manifest import build_manifest, validate, write_manifest
 from chx.data.splits import assign_splits
+from chx.data.views import FRONTAL_VIEWS, LATERAL_VIEWS
+from chx.errors import ChxError
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,19 @@ FINDINGS: tuple[Finding, ...] = (
     Finding("Hiatal Hernia", 0.02, "lateral"),
 )
 CLASS_NAMES: tuple[str, ...] = tuple(f.name for f in FINDINGS) + ("No Finding",)
+
+# The 4-view variant's studies: (probability, views), views in chx.data.views' names (PA, AP,
+# LATERAL, LL). Mean 3.1 views per study.
+_PA, _AP = FRONTAL_VIEWS
+_LAT, _LL = LATERAL_VIEWS
+FOUR_VIEW_SETS: tuple[tuple[float, tuple[str, ...]], ...] = (
+    (0.40, (_PA, _AP, _LAT, _LL)),
+    (0.20, (_PA, _LAT, _LL)),
+    (0.15, (_PA, _AP, _LAT)),
+    (0.15, (_PA, _LAT)),
+    (0.05, (_AP, _LL)),
+    (0.05, (_PA,)),
+)
 
 
 def visibility() -> dict[str, str]:
@@ -133,7 +154,8 @@ def read_signs(path: str | Path) -> pl.DataFrame:
     """The demo's sign boxes (``signs.parquet`` beside its manifest): one row per image and positive
     finding whose sign that image shows; columns image_id, finding, x0, y0, x1, y1 (pixels of the
     image file, x1/y1 exclusive). A positive finding has no row in a view that does not show it
-    (a lateral-only sign on a frontal image)."""
+    (a lateral-only sign on a frontal image; in the 4-view variant also a frontal-only sign on the
+    study's frontal views but the one that shows it, and likewise for lateral-only signs)."""
     return pl.read_parquet(path)
 
 
@@ -148,31 +170,66 @@ def _study_labels(rng) -> dict[str, int]:
     return labels
 
 
+def _standard_views(rng) -> list[str]:
+    """The standard demo's views of a study: mostly PA + lateral, some one view, a few three."""
+    r = rng.random()
+    if r < 0.75:
+        return ["PA", "LATERAL"]
+    if r < 0.87:
+        return [rng.choice(["PA", "AP"])]
+    if r < 0.95:
+        return ["LATERAL"]
+    return ["AP", "PA", "LATERAL"]
+
+
+def _four_views(rng) -> list[str]:
+    """A 4-view variant study's views, drawn from :data:`FOUR_VIEW_SETS`."""
+    p = np.array([w for w, _ in FOUR_VIEW_SETS])
+    return list(FOUR_VIEW_SETS[rng.choice(len(FOUR_VIEW_SETS), p=p / p.sum())][1])
+
+
+def _shown_per_view(rng, labels: dict[str, int], views: list[str]) -> list[dict[str, int]]:
+    """The 4-view variant: per view, the labels whose sign that view shows. A frontal-only
+    (lateral-only) finding shows in one of the study's frontal (lateral) views, at random; a
+    both-view finding in every view."""
+    kinds = ["lateral" if view in LATERAL_VIEWS else "frontal" for view in views]
+    shown = [dict(labels) for _ in views]
+    for f in FINDINGS:
+        if f.visible_in == "both" or not labels[f.name]:
+            continue
+        carriers = [j for j, kind in enumerate(kinds) if kind == f.visible_in]
+        keep = carriers[rng.integers(len(carriers))] if carriers else None
+        for j in carriers:
+            shown[j][f.name] = int(j == keep)
+    return shown
+
+
 def make_demo_data(out: str | Path, studies: int = 1000, seed: int = 0, size: int = 160,
-                   val_fraction: float = 0.15, test_fraction: float = 0.15) -> Path:
+                   val_fraction: float = 0.15, test_fraction: float = 0.15, max_views: int = 3) -> Path:
     """Write ``out/images/*.png``, ``out/manifest.parquet`` and ``out/signs.parquet`` (where each
-    image shows each positive finding's sign, see :func:`read_signs`); return the manifest path."""
+    image shows each positive finding's sign, see :func:`read_signs`); return the manifest path.
+
+    ``max_views``: 3, the standard demo; 4, the 4-view variant (see the module docstring)."""
+    if max_views not in (3, 4):
+        raise ChxError(f"demo data: max_views {max_views}: use 3 (the standard demo) or 4 (its 4-view variant)")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows, boxes = [], []
     for s in range(studies):
         rng = np.random.default_rng([seed, s])
         labels = _study_labels(rng)
-        r = rng.random()
-        if r < 0.75:
-            views = ["PA", "LATERAL"]
-        elif r < 0.87:
-            views = [rng.choice(["PA", "AP"])]
-        elif r < 0.95:
-            views = ["LATERAL"]
+        if max_views == 3:
+            views = _standard_views(rng)
+            shown = [labels] * len(views)
         else:
-            views = ["AP", "PA", "LATERAL"]
+            views = _four_views(rng)
+            shown = _shown_per_view(rng, labels, views)
         subject = f"subj{s // 2 if s % 7 == 0 else s:05d}"   # a few subjects with two studies
         study = f"study{s:05d}"
         for j, view in enumerate(views):
-            draw = _lateral if view == "LATERAL" else _frontal
+            draw = _lateral if view in LATERAL_VIEWS else _frontal
             signs: dict[str, tuple[float, float, float, float]] = {}
-            pixels, shift = _finish(rng, draw(rng, size, labels, signs), size)
+            pixels, shift = _finish(rng, draw(rng, size, shown[j], signs), size)
             name = f"{study}_{j}_{view.lower()}.png"
             boxes += [{"image_id": f"{study}_{j}", "finding": finding, **_box_pixels(sign, shift, size)}
                       for finding, sign in signs.items()]

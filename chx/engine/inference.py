@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from chx.models import load_checkpoint, load_model
+from chx.models.joint import stored_maps
 
 FEATURE_DTYPE = torch.float16   # the store's dtype of a map before any compact encoding
 
@@ -36,10 +36,8 @@ def feature_maps(model: nn.Module, images: torch.Tensor, pool: int = 1, flip: bo
     x = torch.flip(images, dims=[-1]) if flip else images
     if x.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    f = model.forward_features(x)
-    if pool > 1:
-        f = F.avg_pool2d(f.float(), pool)
-    return f.to(FEATURE_DTYPE)
+    # the one definition of pooling + float16 rounding, shared with joint training's forward
+    return stored_maps(model.forward_features(x), pool).to(FEATURE_DTYPE)
 
 
 def on_device(dataset: Dataset) -> bool:

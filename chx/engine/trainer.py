@@ -58,13 +58,18 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable
     return f
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and other 1-D parameters."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def param_groups(model: nn.Module, weight_decay: float, lr: float,
+                 lr_mults: dict[str, float] | None = None) -> list[dict]:
+    """No weight decay on biases, norms and other 1-D parameters. ``lr_mults`` (parameter-name
+    prefix -> factor of ``lr``, e.g. ``{"image.": 0.1}``) gives those parameters groups of their own,
+    after the groups at ``lr`` (the first group's LR is the one the log records)."""
+    groups: dict[tuple[float, bool], list] = {(1.0, True): [], (1.0, False): []}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            mult = next((m for prefix, m in (lr_mults or {}).items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((mult, p.ndim > 1), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult}
+            for (mult, decay), params in groups.items()]
 
 
 class _StopFlag:
@@ -110,13 +115,15 @@ def warn(message: str) -> None:
 
 # Options that may change on --resume: they do not change what is computed ...
 RESUMABLE_CHANGES = {"workers", "device", "log_every", "max_steps", "progress_every", "nonfinite",
-                     "eval_batch_size", "preload"}
+                     "eval_batch_size", "preload", "grad_checkpointing", "tensorboard"}
 # ... and one that is applied, with a warning: more (or fewer) epochs stretch the LR schedule.
 APPLIED_ON_RESUME = {"epochs"}
 
 
 class RunFolder:
-    """A run folder owned by one process: config.json, metrics.jsonl, last.pt, best.pt.
+    """A run folder owned by one process: config.json, metrics.jsonl, last.pt, best.pt (and the
+    TensorBoard event files of ``tensorboard``, a :class:`~chx.engine.tensorboard.TensorBoardLogger`
+    that gets every metrics.jsonl record).
 
     An exclusive lock (``.lock``, held while training) makes a second run into the same folder fail
     at once instead of interleaving its metrics and checkpoints with the first one's."""
@@ -125,6 +132,7 @@ class RunFolder:
         self.out = Path(out)
         self.last, self.best = self.out / "last.pt", self.out / "best.pt"
         self.metrics = self.out / "metrics.jsonl"
+        self.tensorboard = None
         self._lock = None
 
     def open(self, *, resume: bool, overwrite: bool) -> None:
@@ -148,17 +156,21 @@ class RunFolder:
             raise ChxError(f"another chx process is training in {self.out}; wait for it or use "
                            f"another --out") from None
         if overwrite and not resume:
-            for p in (self.last, self.best, self.metrics):
+            for p in (self.last, self.best, self.metrics, *self.out.glob("events.out.tfevents.*")):
                 p.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._lock is not None:
             self._lock.close()   # releases the lock
             self._lock = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def log(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.log(record)
 
     def write_config(self, config: dict) -> None:
         from chx.atomic import atomic_path
@@ -171,11 +183,12 @@ class TrainState:
     """Everything a checkpoint restores: model, EMA copy, optimizer, LR schedule, grad scaler, step,
     best validation score and each rank's RNG state."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device,
+                 lr_mults: dict[str, float] | None = None):
         self.model = model
         self.amp_dtype = autocast_dtype(cfg.precision, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, lr_mults), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(total_steps, round(cfg.warmup * total_steps), cfg.min_lr_ratio))
         self.ema = None
@@ -324,28 +337,35 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
         batch_loss: Callable[[nn.Module, dict, torch.device], torch.Tensor],
         evaluate: Callable[[nn.Module], dict] | None, cfg: TrainConfig, out: str | Path,
         meta: dict, *, resume: bool = False, overwrite: bool = False,
-        ddp: Distributed | None = None, collate_fn=None) -> FitResult:
+        ddp: Distributed | None = None, collate_fn=None,
+        lr_mults: dict[str, float] | None = None) -> FitResult:
     """Train ``model`` and write the run folder ``out``.
 
     ``batch_loss(model, batch, device)`` returns the scalar loss of one batch; ``evaluate(model)``
     returns a dict with at least ``mAP`` (may be None: no validation, best.pt = last.pt).
     ``meta`` goes into every checkpoint and must hold ``kind``, ``model_config`` and ``class_names``.
+    ``lr_mults``: parameter-name prefix -> factor of ``cfg.lr`` for those parameters (see
+    :func:`param_groups`; e.g. a backbone fine-tuned at a tenth of the rate).
     """
     cfg.validate()
     ddp = ddp or setup_distributed(cfg.device)
     device = ddp.device
     run = RunFolder(out)
     if ddp.is_main:
+        if cfg.tensorboard:   # before the folder is touched: a missing package stops here
+            from chx.engine.tensorboard import TensorBoardLogger
+
+            run.tensorboard = TensorBoardLogger(run.out)
         run.open(resume=resume, overwrite=overwrite)
     try:
         return _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run, meta, resume, ddp,
-                    device, collate_fn)
+                    device, collate_fn, lr_mults)
     finally:
         run.close()
 
 
 def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, meta, resume, ddp,
-         device, collate_fn) -> FitResult:
+         device, collate_fn, lr_mults) -> FitResult:
     # ---- steps, state, resume
     steps_per_epoch = sampler.per_rank // cfg.batch_size // cfg.grad_accum
     if steps_per_epoch < 1:
@@ -358,7 +378,7 @@ def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, m
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    state = TrainState(model, cfg, total_steps, device)
+    state = TrainState(model, cfg, total_steps, device, lr_mults)
     if resume:
         ckpt = load_checkpoint(run.last, kind=meta["kind"])
         _check_resume(ckpt, meta, cfg, run.last)
@@ -393,7 +413,7 @@ def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, m
                 improved = state.best is None or score > state.best
                 state.best = score if improved else state.best
                 run.log({"kind": "val", "step": state.step, "epoch": state.step / steps_per_epoch,
-                         **{k: v for k, v in metrics.items() if k != "per_class"}, "best": improved})
+                         **metrics, "best": improved})
             else:
                 improved = True
             save(run.last, metrics, full=True)

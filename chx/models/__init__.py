@@ -1,7 +1,8 @@
 """Models, built by name and config as timm builds its models, and loaded from checkpoints.
 
-Two kinds: ``"backbone"`` (stage 1, :class:`~chx.models.backbone.ImageClassifier`: a timm ConvNeXt
-with an ML-Decoder head) and ``"fusion"`` (stage 2, :class:`~chx.models.fusion.FusionModel`). A
+Three kinds: ``"backbone"`` (stage 1, :class:`~chx.models.backbone.ImageClassifier`: a timm ConvNeXt
+with an ML-Decoder head), ``"fusion"`` (stage 2, :class:`~chx.models.fusion.FusionModel`) and
+``"joint"`` (both, fine-tuned end to end from images, :class:`~chx.models.joint.JointModel`). A
 model's ``config`` is plain data that rebuilds its architecture; a checkpoint holds that config and
 the weights, so every command loads a model with one call::
 
@@ -18,7 +19,7 @@ from chx.errors import ChxError
 from chx.models.checkpoint import (FORMAT, eval_weights, load_checkpoint, save_checkpoint,
                                    weights_hash)
 
-KINDS = ("backbone", "fusion")
+KINDS = ("backbone", "fusion", "joint")
 
 
 def _model_class(kind: str):
@@ -28,6 +29,9 @@ def _model_class(kind: str):
     if kind == "fusion":
         from chx.models.fusion import FusionModel
         return FusionModel
+    if kind == "joint":
+        from chx.models.joint import JointModel
+        return JointModel
     raise ChxError(f"unknown model kind {kind!r}; chx has {', '.join(KINDS)} models")
 
 

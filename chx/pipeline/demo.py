@@ -31,7 +31,8 @@ def run_demo(out: Path, cfg: DemoConfig, manifest: Path | None = None, images: P
         from chx.data.demo import make_demo_data
 
         echo(f"[1/5] synthetic data: {cfg.studies} studies at {cfg.size} px -> {out / 'data'}")
-        manifest = make_demo_data(out / "data", studies=cfg.studies, seed=cfg.seed, size=cfg.size)
+        manifest = make_demo_data(out / "data", studies=cfg.studies, seed=cfg.seed, size=cfg.size,
+                                  max_views=cfg.views)
         images = out / "data" / "images"
     else:
         echo(f"[1/5] data: {manifest} over {images}")

@@ -1,8 +1,10 @@
-"""`chx evaluate`: long-tail metrics, a report folder and plots for a backbone or fusion checkpoint.
+"""`chx evaluate`: long-tail metrics, a report folder and plots for a backbone, fusion or joint checkpoint.
 
 A fusion checkpoint is evaluated per study from the feature store (``views`` keeps only frontal or
 lateral views, to measure robustness to a missing view; flipped maps in the store give hflip TTA);
-a backbone checkpoint per image from a manifest and its images (hflip TTA as trained). F1 uses
+a backbone checkpoint per image from a manifest and its images (hflip TTA as trained); a joint
+checkpoint (`chx train-joint`) per study from a manifest and its images, as it validated (deterministic
+views, flip TTA when it validated with it; ``views`` as for fusion). F1 uses
 per-class thresholds tuned for max F1 on ``thresholds_from`` (default: the validation split), or
 0.5 when there is none.
 """
@@ -16,9 +18,11 @@ import polars as pl
 
 from chx.data.datasets import ImageDataset, label_matrix
 from chx.data.manifest import class_columns, read_manifest
+from chx.data.study_images import StudyImageDataset
 from chx.data.transforms import Preprocess
 from chx.engine.compat import check_fusion_store, require_same_classes
 from chx.engine.inference import load_backbone, predict_images, store_study_probs
+from chx.engine.joint import predict_study_images
 from chx.errors import ChxError
 from chx.metrics import evaluate_scores, tune_thresholds
 from chx.models import load_checkpoint, load_model
@@ -45,6 +49,20 @@ def _backbone_scores(checkpoint: Path, df: pl.DataFrame, images: Path, split: st
     return scores, label_matrix(part, classes), part["image_id"].to_list()
 
 
+def _joint_scores(ckpt: dict, df: pl.DataFrame, images: Path, split: str, views: str, batch_size: int,
+                  workers: int):
+    model = load_model(ckpt, kind="joint")
+    ds = StudyImageDataset(df.filter(pl.col("split") == split), images,
+                           Preprocess.from_dict(ckpt["preprocess"]), max_views=model.max_views, views=views,
+                           classes=list(ckpt["class_names"]))
+    if len(ds) == 0:
+        return None, None, []
+    ds.require_files()
+    scores = predict_study_images(model, ds, batch_size=batch_size, workers=workers,
+                                  tta=bool(ckpt.get("tta", True)), desc=f"evaluate {split}")
+    return scores, ds.labels, ds.study_ids
+
+
 def evaluate(checkpoint: Path, out: Path, *, store: str | None = None, manifest: Path | None = None,
              images: Path | None = None, split: str = "test", thresholds_from: str | None = "val",
              groups: str = "thirds", views: str = "all", batch_size: int = 16, workers: int = 2,
@@ -66,15 +84,23 @@ def evaluate(checkpoint: Path, out: Path, *, store: str | None = None, manifest:
         require_same_classes(class_columns(df), classes, str(manifest), str(checkpoint))
         available = sorted(set(df["split"].drop_nulls().to_list()))
         compute = lambda sp: _backbone_scores(checkpoint, df, images, sp, batch_size, workers)  # noqa: E731
+    elif kind == "joint":
+        if manifest is None or images is None:
+            raise ChxError("a joint checkpoint is evaluated on images: give --manifest and --images")
+        df = read_manifest(manifest)
+        require_same_classes(class_columns(df), classes, str(manifest), str(checkpoint))
+        available = sorted(set(df["split"].drop_nulls().to_list()))
+        compute = lambda sp: _joint_scores(ckpt, df, images, sp, views, batch_size, workers)  # noqa: E731
     else:
-        raise ChxError(f"{checkpoint} is a {kind} checkpoint; evaluate a backbone or fusion checkpoint")
+        raise ChxError(f"{checkpoint} is a {kind} checkpoint; evaluate a backbone, fusion or joint "
+                       f"checkpoint")
     if split not in available:
         raise ChxError(f"split {split!r} is not in the data (it has: {', '.join(available) or 'no splits'}); "
                        f"use --split with one of them")
 
     scores, labels, ids = compute(split)
     if scores is None:
-        raise ChxError(f"no {'study' if kind == 'fusion' else 'image'} of split {split!r} has a "
+        raise ChxError(f"no {'image' if kind == 'backbone' else 'study'} of split {split!r} has a "
                        f"{views} view" if views != "all" else f"split {split!r} is empty")
     thresholds, tuned_on = None, None
     if thresholds_from and thresholds_from != split and thresholds_from in available:
@@ -88,8 +114,8 @@ def evaluate(checkpoint: Path, out: Path, *, store: str | None = None, manifest:
     result["meta"] = {"checkpoint": str(checkpoint), "kind": kind, "split": split, "views": views,
                       "thresholds_from": tuned_on or "0.5 (no tuning split)",
                       "data": str(store if kind == "fusion" else manifest)}
-    result["unit"] = "studies" if kind == "fusion" else "images"
+    result["unit"] = "images" if kind == "backbone" else "studies"
     title = f"{kind} {checkpoint} on {split}" + (f" ({views} views)" if views != "all" else "")
     write_report(out, result, scores=scores, labels=labels, class_names=classes, title=title, ids=ids,
-                 id_name="study_id" if kind == "fusion" else "image_id", overwrite=overwrite)
+                 id_name="image_id" if kind == "backbone" else "study_id", overwrite=overwrite)
     return result

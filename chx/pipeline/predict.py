@@ -1,7 +1,9 @@
-"""`chx export` and `chx predict`: stage 1 + fusion end to end on new studies.
+"""`chx predict`: stage 1 + fusion end to end on new studies.
 
-A bundle holds both models' weights, the class names and the preprocessing; the models run through
-:class:`chx.engine.predictor.Predictor`, which repeats training's preprocessing exactly.
+A bundle (`chx export`) holds both models' weights, the class names and the preprocessing; the
+models run through :class:`chx.engine.predictor.Predictor` (torch), or their ONNX graphs through
+:class:`chx.engine.onnx_runtime.OnnxPredictor` (``runtime="onnxruntime"``); both repeat training's
+preprocessing exactly.
 """
 
 from __future__ import annotations
@@ -16,18 +18,29 @@ from chx.data.datasets import check_paths
 from chx.data.images import dicom_tags, is_dicom
 from chx.data.manifest import read_manifest
 from chx.data.views import canonical_view
-from chx.engine.predictor import Predictor, make_bundle
+from chx.engine.predictor import Predictor
 from chx.errors import ChxError
-from chx.models import save_checkpoint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+RUNTIMES = ("torch", "onnxruntime")
 
 
-def export_bundle(backbone: Path, fusion: Path, out: Path) -> dict:
-    """Bundle a stage-1 and a fusion checkpoint into one file for `chx predict`."""
-    bundle = make_bundle(backbone, fusion)
-    save_checkpoint(bundle, out)
-    return bundle
+def load_predictor(runtime: str = "torch", bundle: Path | None = None, backbone: Path | None = None,
+                   fusion: Path | None = None, joint: Path | None = None, device: str = "auto"):
+    """The predictor of the models given: torch (a bundle file or folder, the checkpoints) or
+    onnxruntime (the folder of `chx export --format onnx`, on the CPU)."""
+    if runtime == "torch":
+        return Predictor.load(bundle, backbone, fusion, device=device, joint=joint)
+    if runtime != "onnxruntime":
+        raise ChxError(f"--runtime {runtime}: use one of {', '.join(RUNTIMES)}")
+    if bundle is None or not Path(bundle).is_dir() or backbone or fusion or joint:
+        raise ChxError("--runtime onnxruntime runs the folder of `chx export --format onnx`: give it as "
+                       "--bundle DIR (without --backbone, --fusion or --joint)")
+    if device not in ("auto", "cpu"):
+        raise ChxError(f"--runtime onnxruntime runs on the CPU: drop --device {device} (or use --runtime torch)")
+    from chx.engine.onnx_runtime import OnnxPredictor
+
+    return OnnxPredictor.load(bundle)
 
 
 # DICOM modalities of projection radiographs; anything else (CT, MR, US, ...) is not a chest X-ray.
@@ -116,7 +129,9 @@ def output_format(out: Path, fmt: str | None) -> str:
 
 
 def predict(predictor: Predictor, inputs: pl.DataFrame, out: Path, fmt: str = "csv") -> pl.DataFrame:
-    """Predict every study of ``inputs`` and write ``out`` (csv, json, or the CXR-LT submission)."""
+    """Predict every study of ``inputs`` with ``predictor`` (a :class:`Predictor` or an
+    :class:`~chx.engine.onnx_runtime.OnnxPredictor`: see :func:`load_predictor`) and write ``out``
+    (csv, json, or the CXR-LT submission)."""
     from tqdm.auto import tqdm
 
     study_ids, probs = [], []

@@ -52,7 +52,8 @@ def train_fusion(store_path: str, out: Path, opts: FusionOptions, cfg: TrainConf
     model = create_model("fusion", in_dim=channels, num_classes=len(classes), dim=opts.dim,
                          max_views=opts.max_views, layers=opts.encoder_layers, heads=opts.heads,
                          ffn_dim=opts.ffn_dim, dropout=opts.dropout, pos_enc=opts.pos_enc,
-                         segment_embedding=opts.segment_embedding, view_embedding=opts.view_embedding)
+                         segment_embedding=opts.segment_embedding, view_embedding=opts.view_embedding,
+                         view_experts=opts.view_experts, experts=opts.experts)
 
     def batch_loss(model, batch, device):
         logits = model(batch["features"].to(device, non_blocking=True), batch["view_mask"].to(device),

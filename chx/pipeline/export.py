@@ -1,0 +1,262 @@
+"""`chx export`: a stage-1 and a fusion checkpoint (or a train-joint checkpoint) for `chx predict`
+and for other tools, in one of three formats:
+
+    bundle   one file (a chx checkpoint): both models' weights, classes, preprocessing.
+    hf       a folder in the Hugging Face layout: model.safetensors (both models' weights),
+             config.json (architecture, classes, preprocessing, features) and README.md, a model
+             card generated from the runs (classes, training data, preprocessing, validation
+             metrics, intended use and limitations, the commands that made it). No upload code:
+             push the folder with your own tools.
+    onnx     a folder with backbone.onnx and fusion.onnx (:mod:`chx.engine.onnx_runtime`) and the
+             same config.json, for ONNX Runtime; checked against torch before it is written.
+
+Every format is written whole or not at all (a temp name, then a rename).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import chx
+from chx.atomic import atomic_dir
+from chx.config import OptionSpec, command_line
+from chx.data.manifest import file_sha256, read_manifest, summarize
+from chx.data.transforms import Preprocess
+from chx.data.views import VIEWS
+from chx.engine.predictor import (FOLDER_CONFIG, FOLDER_WEIGHTS, Predictor, folder_config, folder_tensors,
+                                  joint_bundle, make_bundle)
+from chx.errors import ChxError
+from chx.models import load_checkpoint, load_model, save_checkpoint
+
+FORMATS = ("bundle", "hf", "onnx")
+# The largest difference of probabilities between the ONNX graphs and torch that an export accepts.
+ONNX_TOLERANCE = 1e-4
+
+
+def bundle_of(backbone: Path | None, fusion: Path | None, joint: Path | None = None) -> dict:
+    """The in-memory bundle of a stage-1 and a fusion checkpoint, or of a train-joint checkpoint."""
+    if [backbone is not None, fusion is not None, joint is not None] not in ([True, True, False],
+                                                                            [False, False, True]):
+        raise ChxError("give both --backbone and --fusion, or --joint (a train-joint checkpoint) alone")
+    return joint_bundle(joint) if joint is not None else make_bundle(backbone, fusion)
+
+
+def export_bundle(backbone: Path | None, fusion: Path | None, out: Path, joint: Path | None = None) -> dict:
+    """Bundle a stage-1 and a fusion checkpoint, or a train-joint checkpoint (which holds both),
+    into one file for `chx predict`."""
+    bundle = bundle_of(backbone, fusion, joint)
+    save_checkpoint(bundle, out)
+    return bundle
+
+
+def export_hf(backbone: Path | None, fusion: Path | None, out: Path, specs: dict[str, list[OptionSpec]],
+              joint: Path | None = None) -> dict:
+    """Write the Hugging Face folder ``out``; ``specs``: each command's options (to write the
+    commands that made the model into its card). Returns the bundle."""
+    from safetensors.torch import save
+
+    bundle = bundle_of(backbone, fusion, joint)
+    with atomic_dir(out, what="the export folder") as tmp:
+        # bytes, then a plain write: the file gets the umask's permissions like every other output
+        (tmp / FOLDER_WEIGHTS).write_bytes(save(folder_tensors(bundle), metadata={"format": "pt"}))
+        (tmp / FOLDER_CONFIG).write_text(json.dumps(folder_config(bundle), indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(bundle, out, specs))
+    return bundle
+
+
+def export_onnx(backbone: Path | None, fusion: Path | None, out: Path, joint: Path | None = None) -> dict:
+    """Write the ONNX folder ``out`` after checking its graphs against torch on random images with
+    1 to max-views views; returns ``{"bundle", "max_abs_diff"}`` (the largest probability
+    difference seen)."""
+    from chx.engine.onnx_runtime import GRAPHS, OnnxPredictor, export_graphs
+
+    bundle = bundle_of(backbone, fusion, joint)
+    source = str(joint or fusion)
+    models = {part: load_model({**bundle[part], "source": source}, kind=part) for part in ("backbone", "fusion")}
+    pre = Preprocess.from_dict(bundle["backbone"]["preprocess"])
+    with atomic_dir(out, what="the ONNX folder") as tmp:
+        export_graphs(models["backbone"], models["fusion"], bundle["features"]["pool"], pre.size, tmp)
+        config = {**folder_config(bundle), "onnx": GRAPHS}
+        (tmp / FOLDER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        torch_predictor = Predictor(models["backbone"], models["fusion"], pre, bundle["features"]["pool"],
+                                    bundle["features"]["flip_tta"], list(bundle["class_names"]),
+                                    torch.device("cpu"))
+        diff = _max_difference(torch_predictor, OnnxPredictor.load(tmp), tmp)
+        if not diff <= ONNX_TOLERANCE:
+            raise ChxError(f"the exported ONNX graphs give probabilities up to {diff:.2g} away from torch's "
+                           f"(more than {ONNX_TOLERANCE:g}); nothing was written: use --format hf or bundle")
+    return {"bundle": bundle, "max_abs_diff": diff}
+
+
+def _max_difference(torch_predictor, onnx_predictor, folder: Path) -> float:
+    """The largest |torch - onnxruntime| probability over studies of 1 .. max-views random images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    size = torch_predictor.pre.size
+    paths = []
+    for i in range(onnx_predictor.max_views):
+        paths.append(folder / f".check-{i}.png")
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(paths[-1])
+    diff = 0.0
+    for v in range(1, len(paths) + 1):
+        # OTHER, LL, LATERAL, AP, ...: from 3 views on every view type (their embeddings, experts)
+        args = (paths[:v], [VIEWS[::-1][k % len(VIEWS)] for k in range(v)], [f"i{k}" for k in range(v)])
+        gap = np.abs(torch_predictor.predict_study(*args) - onnx_predictor.predict_study(*args)).max()
+        diff = max(diff, float(gap))
+    for p in paths:
+        p.unlink()
+    return diff
+
+
+# ----------------------------------------------------------------------------------------- model card
+
+def _runs(bundle: dict) -> list[tuple[str, Path, dict]]:
+    """(kind, checkpoint path, checkpoint) of each run that made the bundle, in training order."""
+    return [(kind, Path(path), load_checkpoint(path, kind=kind)) for kind, path in bundle["sources"].items()]
+
+
+def _val_record(ckpt_path: Path, ckpt: dict) -> tuple[dict | None, str]:
+    """The validation record of the checkpoint's step in its run's metrics.jsonl, and where it came
+    from (the checkpoint's own copy when metrics.jsonl is not beside it)."""
+    metrics = ckpt_path.parent / "metrics.jsonl"
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        vals = [r for r in records if r.get("kind") == "val" and r.get("step") == ckpt.get("step")]
+        if vals:
+            return vals[-1], f"{metrics} (step {ckpt.get('step')})"
+    if ckpt.get("metrics"):
+        return ckpt["metrics"], f"{ckpt_path} (its metrics.jsonl was not found)"
+    return None, "no validation (the run had no validation split)"
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.4f}"
+
+
+def _manifest_lines(ckpt: dict) -> list[str]:
+    """The training manifests' summary: images, studies, patients, multi-view studies, splits."""
+    recorded = ckpt.get("manifest_sha256") or {}
+    lines = []
+    for path, sha in recorded.items():
+        p = Path(path)
+        if not p.is_file():
+            lines.append(f"- `{p.name}`: not found at export time (sha256 `{sha[:16]}...` recorded)")
+            continue
+        s = summarize(read_manifest(p, soft=True))
+        changed = "" if file_sha256(p) == sha else " (**changed since training**: counts are of the file now)"
+        splits = ", ".join(f"{'unassigned' if k == 'None' else k} {v:,}" for k, v in s["splits"].items())
+        lines.append(f"- `{p.name}`{changed}: {s['images']:,} images, {s['studies']:,} studies "
+                     f"({s['multi_view_studies']:,} with several views), {s['subjects']:,} patients; "
+                     f"images per split: {splits}")
+    return lines or ["- not recorded in the checkpoint"]
+
+
+def _commands(runs, out: Path, specs: dict[str, list[OptionSpec]]) -> list[str]:
+    """The chx commands that made the model, from what each checkpoint recorded."""
+    lines = []
+    ckpts = dict((kind, (path, ckpt)) for kind, path, ckpt in runs)
+    train = {"backbone": "train-backbone", "fusion": "train-fusion", "joint": "train-joint"}
+    for kind, path, ckpt in runs:
+        if kind == "fusion" and "backbone" in ckpts:
+            fp = ckpt.get("store_fingerprint") or {}
+            lines.append("# the store does not record the manifest and images it was extracted from")
+            lines.append(command_line("extract-features", {
+                "checkpoint": str(ckpts["backbone"][0]), "manifest": "MANIFEST", "images": "IMAGES",
+                "store": (ckpt.get("options") or {}).get("store"), "pool": fp.get("pool"),
+                "flip": fp.get("flip"), "dtype": fp.get("dtype")}, specs["extract-features"]))
+        if "train_config" not in ckpt:   # e.g. converted by `chx import-reference`: no chx run made it
+            lines.append(f"# {path}: not trained by chx (no options recorded)")
+            continue
+        values = {**ckpt["train_config"], **(ckpt.get("options") or {}), "out": str(path.parent)}
+        lines.append(command_line(train[kind], values, specs[train[kind]]))
+    lines.append(command_line("export", {**{k: str(p) for k, (p, _) in ckpts.items()}, "fmt": "hf",
+                                         "out": str(out)}, specs["export"]))
+    return lines
+
+
+def model_card(bundle: dict, out: Path, specs: dict[str, list[OptionSpec]]) -> str:
+    """README.md of the Hugging Face folder (YAML front matter, then Markdown)."""
+    runs = _runs(bundle)
+    final_kind, final_path, final = runs[-1]       # the fusion (or joint) model: the study's output
+    classes = list(bundle["class_names"])
+    pre = bundle["backbone"]["preprocess"]
+    features = bundle["features"]
+    fusion_cfg = bundle["fusion"]["model_config"]
+    val, val_source = _val_record(final_path, final)
+    per_class = (val or {}).get("per_class") or (final.get("metrics") or {}).get("per_class") or {}
+    counts = final.get("train_counts") or [None] * len(classes)
+    backbone_name = bundle["backbone"]["model_config"]["backbone_name"]
+
+    lines = ["---", "library_name: chx", "pipeline_tag: image-classification",
+             "tags: [chest-x-ray, multi-label, multi-view, chexfusion, medical-imaging]", "---", "",
+             f"# {backbone_name} + CheXFusion fusion: {len(classes)} findings per chest X-ray study", "",
+             f"A study-level, multi-label chest X-ray classifier trained with "
+             f"[chx](https://pypi.org/project/chx/) {chx.__version__}: a {backbone_name} backbone with an "
+             f"ML-Decoder head (stage 1), whose feature maps of up to {fusion_cfg['max_views']} views of a study "
+             f"are fused by a transformer ({fusion_cfg['layers']} encoder layers, width {fusion_cfg['dim']}). "
+             f"Output: one probability per finding and study. Exported on {date.today().isoformat()}.", "",
+             "```bash", f"chx predict --bundle {out.name} --files frontal.png lateral.png -o predictions.csv", "```",
+             "", "## Classes", "",
+             f"Validation per class: {val_source}. Training positives: "
+             f"{'images' if final_kind == 'backbone' else 'studies'} of the {final_kind} run's training split.", "",
+             "| # | class | training positives | validation positives | AP | AUROC |", "|---|---|---|---|---|---|"]
+    for i, c in enumerate(classes):
+        pc = per_class.get(c) or {}
+        lines.append(f"| {i} | {c} | {counts[i] if counts[i] is not None else 'n/a'} | "
+                     f"{pc.get('support', 'n/a')} | {_fmt(pc.get('ap'))} | {_fmt(pc.get('auc'))} |")
+
+    lines += ["", "## Training data", ""]
+    for kind, path, ckpt in runs:
+        if ckpt.get("manifest_sha256"):
+            lines += [f"Manifests of the {kind} run (`{path}`):", "", *_manifest_lines(ckpt), ""]
+        if kind == "fusion":
+            store = (ckpt.get("options") or {}).get("store")
+            lines += [f"The fusion model was trained from the feature store `{store}` of that backbone.", ""]
+
+    resize = "aspect ratio kept, padded with black" if pre["mode"] == "letterbox" else "stretched"
+    pool = f", average-pooled {features['pool']} x {features['pool']}" if features["pool"] > 1 else ""
+    tta = ("the mean of the probabilities of the images and of their horizontal flips"
+           if features["flip_tta"] else "off")
+    lines += ["## Preprocessing", "",
+              f"- each image: decoded to grayscale in [0, 1] (PNG, JPEG or DICOM), resized to {pre['size']} x "
+              f"{pre['size']} px by {pre['mode']} ({resize}), one channel, normalised as "
+              f"(x - {pre['mean']}) / {pre['std']};",
+              f"- the backbone's last-stage map{pool}, rounded to float16 (as the feature store holds it);",
+              f"- views: at most {fusion_cfg['max_views']} per study, frontal first, then lateral, then "
+              f"others (then by image id);",
+              f"- flip TTA: {tta}.",
+              "", "config.json holds these settings; `chx predict` applies them.", "",
+              "## Validation metrics", ""]
+    lines += ["| run | source | images/studies | mAP | mAUC | mAP head | mAP medium | mAP tail | class-prior mAP |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for kind, path, ckpt in runs:
+        record, source = _val_record(path, ckpt)
+        r = record or {}
+        lines.append(f"| {kind} | {source} | {r.get('n', 'n/a')} | {_fmt(r.get('mAP'))} | {_fmt(r.get('mAUC'))} | "
+                     f"{_fmt(r.get('mAP_head'))} | {_fmt(r.get('mAP_medium'))} | {_fmt(r.get('mAP_tail'))} | "
+                     f"{_fmt(r.get('baseline_mAP'))} |")
+    lines += ["", "Macro means skip classes without a validation positive. The backbone is scored per image, "
+              "the fusion model per study. These are validation figures of the checkpoint chosen on them "
+              "(best mAP): expect lower on held-out data.", "",
+              "## Intended use", "",
+              "Research on chest X-ray classification: benchmarking, method development, and triage or "
+              "second-reader studies under a research protocol with clinical oversight.", "",
+              "## Limitations", "",
+              "- **Not a medical device.** Not cleared or approved for diagnosis or patient care; do not use "
+              "its output for clinical decisions.",
+              "- Trained on the data above only: performance on other hospitals, scanners, populations or "
+              "view conventions is unknown until measured there; labels mined from reports are noisy.",
+              "- Rare findings (few training positives) are the least reliable; probabilities are not "
+              "calibrated for other prevalences.",
+              "- Expects chest radiographs (frontal and/or lateral); other images get meaningless scores.", "",
+              "## How it was made", "",
+              f"With chx {chx.__version__}; options at their default are left out. Each run folder's "
+              f"config.json holds every option, and `--config RUN/config.json` repeats the run.", "",
+              "```bash", *_commands(runs, out, specs), "```", ""]
+    return "\n".join(lines)
