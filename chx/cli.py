@@ -988,7 +988,7 @@ def demo(out, manifest, images, studies, size, model, backbone_epochs, backbone_
 
     Without --manifest it generates the synthetic multi-view data, whose findings are visible in
     both views, only the frontal or only the lateral view, and also prints mAP by visibility.
-    Offline, CPU-friendly (4-6 minutes on 2 cores with the defaults).
+    Offline, CPU-friendly (about 9 minutes on 2 cores with the defaults).
     """
     from chx.pipeline.demo import run_demo, visibility_table
 
