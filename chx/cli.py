@@ -390,6 +390,27 @@ def extract_features(checkpoint, manifest, images, store, pool, flip, batch_size
     click.echo(f"wrote {r.written:,} images{speed}; store {r.store} is {state}")
 
 
+def _study_training_options(defaults):
+    """The options of study-level training that train-fusion and train-joint share, with their
+    defaults from ``defaults`` (FusionOptions or JointOptions)."""
+    decorators = [
+        _opt(defaults, "shuffle", "--shuffle/--no-shuffle",
+             help="Random view order in training (order must carry no information)."),
+        _opt(defaults, "balance", "--balance/--no-balance", help="Class-aware sampling of studies."),
+        _opt(defaults, "eval_batch_size", type=click.IntRange(min=1), help="Studies per validation batch."),
+        _opt(defaults, "soft_targets", type=click.Choice(["expected", "reference"]),
+             help="The loss on soft (pseudo) labels: expected (linear in the label: the expected loss "
+                  "of a hard label drawn with that probability) or reference (the CheXFusion code's "
+                  "formula, which sharpens pseudo labels). Equal on 0/1 labels."),
+    ]
+
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
 @cli.command("train-fusion", context_settings=CONTEXT, short_help="Stage 2b: fusion transformer from the store.")
 @_config_option
 @click.option("--store", "store", required=True, help="Complete feature store from extract-features.")
@@ -415,16 +436,9 @@ def extract_features(checkpoint, manifest, images, store, pool, flip, batch_size
 @_opt(FusionOptions, "experts", type=click.IntRange(min=0),
               help="A mixture of this many projections, mixed with weights learned per view type "
                    "(0 = off: one shared projection; >= 2; not with --view-experts).")
-@_opt(FusionOptions, "shuffle", "--shuffle/--no-shuffle",
-              help="Random view order in training (order must carry no information).")
-@_opt(FusionOptions, "balance", "--balance/--no-balance", help="Class-aware sampling of studies.")
 @_opt(FusionOptions, "flip_aug", "--flip-aug/--no-flip-aug",
               help="Use the store's flipped maps for a random half of the training studies (stores made with --flip).")
-@_opt(FusionOptions, "eval_batch_size", type=click.IntRange(min=1), help="Studies per validation batch.")
-@_opt(FusionOptions, "soft_targets", type=click.Choice(["expected", "reference"]),
-      help="The loss on soft (pseudo) labels: expected (linear in the label: the expected loss of a "
-           "hard label drawn with that probability) or reference (the CheXFusion code's formula, "
-           "which sharpens pseudo labels). Equal on 0/1 labels.")
+@_study_training_options(FusionOptions)
 @_opt(FusionOptions, "buffer_shards", type=click.IntRange(min=1),
       help="Streaming (--preload off): each epoch shuffles the store's shards, then the studies within "
            "buffers of this many shards, so every shard is read once per epoch.")
@@ -481,15 +495,9 @@ def train_fusion(store, out, max_views, encoder_layers, dim, heads, ffn_dim, dro
 @_opt(JointOptions, "grad_checkpointing", "--grad-checkpointing/--no-grad-checkpointing",
       help="Recompute the backbone's activations in the backward pass: less memory, more compute, "
            "the same losses.")
-@_opt(JointOptions, "shuffle", "--shuffle/--no-shuffle",
-      help="Random view order in training (order must carry no information).")
-@_opt(JointOptions, "balance", "--balance/--no-balance", help="Class-aware sampling of studies.")
 @_opt(JointOptions, "tta", "--tta/--no-tta",
       help="Validation (and the exported bundle) with the mean of the views and their horizontal flips.")
-@_opt(JointOptions, "eval_batch_size", type=click.IntRange(min=1), help="Studies per validation batch.")
-@_opt(JointOptions, "soft_targets", type=click.Choice(["expected", "reference"]),
-      help="The loss on soft (pseudo) labels: expected (linear in the label) or reference (the "
-           "CheXFusion code's formula). Equal on 0/1 labels.")
+@_study_training_options(JointOptions)
 @train_options
 def train_joint(manifest, images, backbone, fusion, out, max_views, backbone_lr_mult, grad_checkpointing,
                 shuffle, balance, tta, eval_batch_size, soft_targets, resume, overwrite, **kw):
