@@ -47,7 +47,7 @@ def predictors(model: str, size: int, folder: Path, threads: int):
     """The torch Predictor and the OnnxPredictor of one random-weight model pair."""
     from chx.data.transforms import Preprocess
     from chx.engine.onnx_runtime import OnnxPredictor, export_graphs
-    from chx.engine.predictor import FOLDER_CONFIG, Predictor, folder_config
+    from chx.engine.predictor import FOLDER_CONFIG, INTEGRITY_KEY, Predictor, folder_config, integrity_record
     from chx.models import create_model
 
     torch.manual_seed(0)
@@ -55,10 +55,12 @@ def predictors(model: str, size: int, folder: Path, threads: int):
     fusion = create_model("fusion", in_dim=backbone.feature_dim, num_classes=N_CLASSES).eval()
     pre = Preprocess(size)
     bundle = {"class_names": [f"c{i}" for i in range(N_CLASSES)], "features": {"pool": 1, "flip_tta": False},
-              "backbone": {"model_config": backbone.config, "preprocess": pre.to_dict()},
-              "fusion": {"model_config": fusion.config}}
+              "backbone": {"model_config": backbone.config, "preprocess": pre.to_dict(),
+                           "state_dict": backbone.state_dict()},
+              "fusion": {"model_config": fusion.config, "state_dict": fusion.state_dict()}}
+    bundle["integrity"] = integrity_record(bundle)    # what OnnxPredictor.load checks
     t = time.perf_counter()
-    export_graphs(backbone, fusion, 1, size, folder)
+    export_graphs(backbone, fusion, 1, size, folder, metadata={INTEGRITY_KEY: json.dumps(bundle["integrity"])})
     export_s = time.perf_counter() - t
     (folder / FOLDER_CONFIG).write_text(json.dumps(folder_config(bundle)))
     torch_p = Predictor(backbone, fusion, pre, 1, False, bundle["class_names"], torch.device("cpu"))

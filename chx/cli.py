@@ -5,12 +5,14 @@ User mistakes (:class:`chx.errors.ChxError`) print one line and exit with code 2
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import click
 
-from chx.errors import ChxError
+from chx.errors import ChxError, Interrupted
+from chx.workers import end_children
 from chx.options import (BackboneOptions, DemoConfig, ExplainOptions, ExtractOptions, FusionOptions,
                          JointOptions, TrainConfig)
 
@@ -65,12 +67,12 @@ def _classes_help() -> str:
     from chx.data.classes import NAMED_CLASS_LISTS
     others = {}
     for name, a in ADAPTERS.items():
-        if a.default_classes != "cxr-lt-2023":
+        if a.default_classes != "data":
             others.setdefault(a.default_classes, []).append(name)
-    defaults = "; ".join(f"{d!r} for {', '.join(names)}" for d, names in others.items())
+    defaults = "".join(f"; {d} for {', '.join(names)}" for d, names in others.items())
     return (f"Target class list: a named list ({', '.join(NAMED_CLASS_LISTS)}), 'data' (the dataset's own "
             f"classes), a comma-separated list, or a file with one class per line.  "
-            f"[default: cxr-lt-2023; {defaults}]")
+            f"[default: data{defaults}]")
 
 
 @cli.command(context_settings=CONTEXT, short_help="Native label files -> one manifest.")
@@ -127,7 +129,7 @@ def prepare(dataset, sources, out, classes, images, only_existing, val_fraction,
         if not src.exists():
             raise ChxError(f"{src} does not exist; give the dataset's label file(s) or folder")
     out = out or Path(f"{dataset}.parquet")
-    _refuse_existing(out, overwrite, why="a new manifest (another --seed, another split) under models made "
+    _refuse_existing(out, overwrite, "manifest", why="a new manifest (another --seed, another split) under models made "
                                          "from the old one invites patient leakage")
     s = run_prepare(dataset, list(sources), out, classes=classes, images=images,
                     only_existing=only_existing, val_fraction=val_fraction,
@@ -141,10 +143,13 @@ def prepare(dataset, sources, out, classes, images, only_existing, val_fraction,
     for line in s["notes"]:
         click.echo(f"note: {line}")
     annotated = [c for c in s["positives"] if s["annotated"][c]]
-    missing = [c for c in s["positives"] if not s["annotated"][c]]
     click.echo("positives (images): " + ", ".join(f"{c} {s['positives'][c]:,}" for c in annotated))
-    if missing:
-        click.echo(f"not annotated by {dataset} (null): " + ", ".join(missing))
+    if s["unannotated"]:
+        hint = "" if (classes or adapter.default_classes) == "data" else \
+            "; --classes data keeps only the dataset's own classes"
+        click.echo(f"warning: {len(s['unannotated'])} of {len(s['positives'])} classes are annotated by no "
+                   f"row of {dataset} (always null: a model cannot learn them): {', '.join(s['unannotated'])}"
+                   f"{hint}", err=True)
     g = s["groups"]
     click.echo(f"groups by training prevalence (head > 10%, tail < 1%): head {len(g['head'])}, "
                f"medium {len(g['medium'])}, tail {len(g['tail'])}"
@@ -193,7 +198,8 @@ def train_options(f):
              help="Also write the training loss, learning rate and validation metrics (per class too) "
                   "as TensorBoard scalars into --out (needs the extra: pip install 'chx[tensorboard]')."),
         click.option("--resume", is_flag=True,
-                     help="Continue the run in --out from its last.pt, exactly (options must be the run's)."),
+                     help="Continue the run in --out from its last.pt, exactly: `--resume -o RUN` reads "
+                          "the run's options from RUN/config.json (options given must be the run's)."),
         click.option("--overwrite", is_flag=True, help="Start again in an --out that already holds a run."),
     ]
     for opt in reversed(opts):
@@ -210,8 +216,17 @@ def _option_specs(command: click.Command) -> list:
     """The command's options as :class:`chx.config.OptionSpec` rows (what a config file may set)."""
     from chx.config import OptionSpec
 
+    def kind(t: click.ParamType) -> str:   # what a config file's value must be (chx.config checks it)
+        for cls, name in ((click.types.BoolParamType, "bool"), (click.types.IntParamType, "int"),
+                          (click.types.FloatParamType, "float"), (click.Choice, "choice"),
+                          (click.Path, "path"), (click.types.StringParamType, "str")):
+            if isinstance(t, cls):
+                return name
+        return "any"
+
     return [OptionSpec(p.name, next((o for o in p.opts if o.startswith("--")), p.opts[0]),
-                       (p.secondary_opts or [None])[0], p.is_flag, p.multiple, p.default)
+                       (p.secondary_opts or [None])[0], p.is_flag, p.multiple, p.default, kind(p.type),
+                       lambda v, t=p.type: t.convert(v, None, None))
             for p in command.params if isinstance(p, click.Option) and p.expose_value]
 
 
@@ -234,14 +249,52 @@ def _config_option(f):
                              "options on the command line override the file.")(f)
 
 
-@cli.command("train-backbone", context_settings=CONTEXT, short_help="Stage 1: ConvNeXt + ML-Decoder on images.")
+def _out_argument(args: list[str]) -> str | None:
+    """The value of -o/--out among raw command-line words (the last one given), or None."""
+    out = None
+    for i, word in enumerate(args):
+        if word in ("-o", "--out") and i + 1 < len(args):
+            out = args[i + 1]
+        elif word.startswith("--out="):
+            out = word.split("=", 1)[1]
+        elif word.startswith("-o") and len(word) > 2 and not word.startswith("--"):
+            out = word[2:]
+    return out
+
+
+class _RunCommand(click.Command):
+    """A train-* command: ``--resume -o RUN`` without ``--config`` reads RUN/config.json first (as
+    ``--config RUN/config.json --resume`` does), so the run's options need not be given again;
+    options given on the command line override it, and the resume check refuses those that would
+    change what the run computes. ``--max-steps`` is not taken from the run: without it the
+    resumed run trains to the end of its schedule, as a full --resume command line does."""
+
+    def parse_args(self, ctx, args):
+        words = list(args)
+        if "--resume" in words and not any(w == "--config" or w.startswith("--config=") for w in words):
+            default = next(p.default for p in self.params if p.name == "out")
+            config = Path(_out_argument(words) or default) / "config.json"
+            if not config.is_file():
+                raise ChxError(f"--resume: {config} does not exist, so {config.parent} holds no run to "
+                               f"resume; give the run's folder as -o, or run without --resume to start")
+            from chx.config import config_values
+
+            values = config_values(config, self.name, _option_specs(self))
+            values.pop("max_steps", None)   # a run stopped by --max-steps goes on to its end
+            ctx.default_map = {**values, **(ctx.default_map or {})}
+        return super().parse_args(ctx, args)
+
+
+@cli.command("train-backbone", cls=_RunCommand, context_settings=CONTEXT,
+             short_help="Stage 1: ConvNeXt + ML-Decoder on images.")
 @_config_option
 @click.option("--manifest", "manifests", multiple=True, required=True,
               type=click.Path(path_type=Path),
               help="Manifest(s); repeat to train on their union (e.g. with a pseudo-labelled one). "
                    "Rows with split 'train' or no split train; split 'val' validates.")
-@click.option("--images", "images", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Images root; once for all manifests or once per --manifest.")
+@click.option("--images", "images", multiple=True, type=click.Path(path_type=Path),
+              help="Images root; once for all manifests or once per --manifest."
+                   "  [default: the root `chx prepare --images` recorded in each manifest]")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/backbone"),
               show_default=True, help="Run folder: config.json, metrics.jsonl, last.pt, best.pt.")
 @_opt(BackboneOptions, "model", help="Any timm ConvNeXt name (e.g. convnext_atto for a quick CPU run).")
@@ -263,6 +316,16 @@ def _config_option(f):
       help="The loss on soft (pseudo) labels: expected (linear in the label: the expected loss of a "
            "hard label drawn with that probability) or reference (the CheXFusion code's formula, "
            "which sharpens pseudo labels). Equal on 0/1 labels.")
+@_opt(BackboneOptions, "head", type=click.Choice(["ml-decoder", "csra", "linear"]),
+      help="Classification head: ML-Decoder (CheXFusion's), CSRA (class-specific residual attention) "
+           "or linear (average pooling + linear).")
+@_opt(BackboneOptions, "csra_heads", type=int, help="CSRA heads: 1, 2, 4, 6 or 8 (the paper's temperature sets).")
+@_opt(BackboneOptions, "csra_lambda", type=click.FloatRange(min=0), help="CSRA: weight of the attention pooling.")
+@_opt(BackboneOptions, "loss", type=click.Choice(["wasl", "asl", "db", "bce"]),
+      help="Loss: weighted ASL (CheXFusion's), ASL, distribution-balanced (DB) or BCE.")
+@_opt(BackboneOptions, "clahe", "--clahe/--no-clahe", help="CLAHE augmentation (p 0.5, clip limit 1-4).")
+@_opt(BackboneOptions, "coarse_dropout", type=click.FloatRange(0, 0.5), metavar="FRACTION",
+      help="Coarse dropout augmentation: 1-8 black squares of this fraction of the side (p 0.5); 0 = off.")
 @train_options
 def train_backbone(manifests, images, out, model, size, resize, pretrained, weights, balance, tta,
                    grad_checkpointing, eval_batch_size, soft_targets, resume, overwrite, **kw):
@@ -275,20 +338,36 @@ def train_backbone(manifests, images, out, model, size, resize, pretrained, weig
     """
     from chx.pipeline.train_backbone import train_backbone as run
 
+    images = images or [_images_of(m, None) for m in manifests]
     cfg = _train_config(kw)
     opts = BackboneOptions(model=model, size=size, resize=resize, pretrained=pretrained,
                            weights=weights, balance=balance, tta=tta,
                            grad_checkpointing=grad_checkpointing, eval_batch_size=eval_batch_size,
-                           soft_targets=soft_targets)
+                           soft_targets=soft_targets,
+                           **{k: kw.pop(k) for k in ("head", "csra_heads", "csra_lambda", "loss", "clahe",
+                                                     "coarse_dropout")})
     result = run(list(manifests), list(images), out, opts, cfg, resume=resume, overwrite=overwrite)
     _report_fit(result)
 
 
-def _refuse_existing(out: Path, overwrite: bool, why: str = "") -> None:
-    """An existing output is replaced only with --overwrite (never silently)."""
-    if out.exists() and not overwrite:
-        raise ChxError(f"{out} exists; {why + ': ' if why else ''}use --overwrite to replace it or choose "
-                       f"another -o")
+def _refuse_existing(out: Path, overwrite: bool, kind: str, why: str = "", option: str = "-o") -> None:
+    """THE overwrite rule (:func:`chx.atomic.check_output`): an existing output is replaced only with
+    --overwrite and only when it is chx's output of ``kind``; anything else is refused by name."""
+    from chx.atomic import check_output
+
+    check_output(out, kind, overwrite, option=option, why=why)
+
+
+def _images_of(manifest, images, *, required: bool = True):
+    """--images, else the images root ``manifest`` records (`chx prepare --images`; one line when it
+    records none or it no longer exists). ``required=False``: None when it records none."""
+    if manifest is None or images:
+        return images
+    from chx.data.manifest import images_root, recorded_images_root
+
+    if not required and recorded_images_root(manifest) is None:
+        return images
+    return images_root(manifest)
 
 
 def _values_then_extras(option: str, values, extras) -> list:
@@ -316,8 +395,8 @@ def _report_fit(result) -> None:
               help="Stage-1 checkpoint (best.pt of train-backbone).")
 @click.option("--manifest", required=True, type=click.Path(path_type=Path),
               help="Manifest to fill, prepared onto the checkpoint's classes (e.g. NIH onto CXR-LT's 26).")
-@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Images root of that manifest.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Images root of that manifest.  [default: the root `chx prepare --images` recorded in the manifest]")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Manifest to write, with null labels replaced by probabilities.")
 @click.option("--tta/--no-tta", default=True, show_default=True, help="Mean of the image and its hflip.")
@@ -332,6 +411,7 @@ def pseudo_label(checkpoint, manifest, images, out, tta, batch_size, workers, de
     """
     from chx.pipeline.pseudo_label import pseudo_label as run
 
+    images = _images_of(manifest, images)
     s = run(checkpoint, manifest, images, out, tta=tta, batch_size=batch_size, workers=workers,
             device=device)
     click.echo(f"wrote {out}: {s['images']:,} images; {s['filled']:,} null labels filled with "
@@ -345,8 +425,8 @@ def pseudo_label(checkpoint, manifest, images, out, tta, batch_size, workers, de
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
               help="Stage-1 checkpoint (best.pt of train-backbone); its preprocessing is reused.")
 @click.option("--manifest", required=True, type=click.Path(path_type=Path), help="Manifest of the images.")
-@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Images root of the manifest.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Images root of the manifest.  [default: the root `chx prepare --images` recorded in the manifest]")
 @click.option("--store", "store", required=True,
               help="Feature store: a folder (Zarr v3, default; or an fsspec URL like memory://x) or a "
                    "file ending .h5 (HDF5, one writer).")
@@ -382,6 +462,7 @@ def extract_features(checkpoint, manifest, images, store, pool, flip, batch_size
     """
     from chx.pipeline.extract import extract_features as run
 
+    images = _images_of(manifest, images)
     r = run(checkpoint, manifest, images, store, pool=pool, flip=flip, batch_size=batch_size,
             workers=workers, device=device, shard=shard, compress=compress, overwrite=overwrite,
             dtype=dtype, shard_images=shard_images, repair=repair, echo=click.echo)
@@ -411,7 +492,8 @@ def _study_training_options(defaults):
     return apply
 
 
-@cli.command("train-fusion", context_settings=CONTEXT, short_help="Stage 2b: fusion transformer from the store.")
+@cli.command("train-fusion", cls=_RunCommand, context_settings=CONTEXT,
+             short_help="Stage 2b: fusion transformer from the store.")
 @_config_option
 @click.option("--store", "store", required=True, help="Complete feature store from extract-features.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/fusion"),
@@ -470,12 +552,13 @@ def train_fusion(store, out, max_views, encoder_layers, dim, heads, ffn_dim, dro
     _report_fit(run(store, out, opts, cfg, resume=resume, overwrite=overwrite))
 
 
-@cli.command("train-joint", context_settings=CONTEXT,
+@cli.command("train-joint", cls=_RunCommand, context_settings=CONTEXT,
              short_help="Backbone + fusion fine-tuned together from images.")
 @_config_option
 @click.option("--manifest", required=True, type=click.Path(path_type=Path),
               help="Manifest of the images; split 'train' (or none) trains, 'val' validates (per study).")
-@click.option("--images", required=True, type=click.Path(path_type=Path), help="Images root of the manifest.")
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="Images root of the manifest.  [default: the root `chx prepare --images` recorded in the manifest]")
 @click.option("--backbone", required=True, type=click.Path(path_type=Path),
               help="Stage-1 checkpoint (best.pt of train-backbone) to start the backbone from; its "
                    "preprocessing is used.")
@@ -514,6 +597,7 @@ def train_joint(manifest, images, backbone, fusion, out, max_views, backbone_lr_
     """
     from chx.pipeline.train_joint import train_joint as run
 
+    images = _images_of(manifest, images)
     cfg = _train_config(kw)
     opts = JointOptions(max_views=max_views, backbone_lr_mult=backbone_lr_mult,
                         grad_checkpointing=grad_checkpointing, shuffle=shuffle, balance=balance, tta=tta,
@@ -602,6 +686,17 @@ def store_verify(path, as_json):
 
 # ----------------------------------------------------------------------------------------- evaluate
 
+_groups_option = click.option(
+    "--groups", type=click.Choice(["prevalence", "thirds", "cxr-lt"]), default="prevalence", show_default=True,
+    help="Head/medium/tail classes: prevalence: head > 10 %, tail < 1 % training prevalence (CXR-LT 2024's "
+         "rule, any class list; the rule chx prepare reports and training validation uses); thirds: "
+         "thirds of the training-frequency rank; cxr-lt: CXR-LT 2023's 8/10/8 of its 26 classes.")
+_bootstrap_option = click.option(
+    "--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True,
+    help="Resamples of the evaluated studies (images for a backbone) for the 95 % mAP intervals "
+         "(fixed seed; paired for differences); 0: no intervals.")
+
+
 @cli.command("evaluate", context_settings=CONTEXT, short_help="Long-tail metrics, report and plots.")
 @_config_option
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
@@ -610,13 +705,12 @@ def store_verify(path, as_json):
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
               help="Manifest (for a backbone or joint checkpoint), with --images.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Images root of --manifest.")
+              help="Images root of --manifest.  [default: the root `chx prepare --images` recorded in the manifest]")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
 @click.option("--thresholds-from", default="val", show_default=True,
               help="Split on which per-class F1 thresholds are tuned (max F1); 'none' = 0.5.")
-@click.option("--groups", type=click.Choice(["thirds", "cxr-lt", "prevalence"]), default="thirds", show_default=True,
-              help="Head/medium/tail by training frequency: thirds of the rank; cxr-lt: CXR-LT 2023's 8/10/8 of "
-                   "its 26 classes; prevalence: head > 10 %, tail < 1 % training prevalence (CXR-LT 2024, any list).")
+@_groups_option
+@_bootstrap_option
 @click.option("--views", type=click.Choice(["all", "frontal", "lateral"]), default="all", show_default=True,
               help="Fusion and joint checkpoints: keep only these views of each study (robustness to a "
                    "missing view).")
@@ -631,7 +725,7 @@ def store_verify(path, as_json):
                    "counted as AP 0 (zero: what the reference code's torchmetrics mAP does; for comparison).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers.")
-def evaluate(checkpoint, store, manifest, images, split, thresholds_from, groups, views, out,
+def evaluate(checkpoint, store, manifest, images, split, thresholds_from, groups, bootstrap, views, out,
              compare_runs, more_runs, overwrite, absent_classes, batch_size, workers):
     """Per-class and macro AP (the ranking metric), AUROC, F1 at tuned thresholds, head/medium/tail
     mAP and calibration (ECE) of a checkpoint on one split; writes a report folder with plots.
@@ -646,6 +740,12 @@ def evaluate(checkpoint, store, manifest, images, split, thresholds_from, groups
     if compare_runs:
         from chx.pipeline.report import compare_runs as run_compare
 
+        given = [name for name, v in (("--checkpoint", checkpoint), ("--store", store), ("--manifest", manifest),
+                                      ("-o", out), ("--overwrite", overwrite)) if v]
+        if given:
+            raise ChxError(f"--compare only prints a table of existing report folders; {', '.join(given)} "
+                           f"would be ignored: evaluate first (without --compare), then compare the reports")
+
         click.echo(run_compare(list(compare_runs)))
         return
     if checkpoint is None:
@@ -654,10 +754,11 @@ def evaluate(checkpoint, store, manifest, images, split, thresholds_from, groups
     from chx.pipeline.report import summary_table
 
     out = out or Path(f"eval-{split}")
+    images = _images_of(manifest, images, required=False)
     result = run(checkpoint, out, store=store, manifest=manifest, images=images, split=split,
                  thresholds_from=None if thresholds_from == "none" else thresholds_from, groups=groups,
                  views=views, batch_size=batch_size, workers=workers, overwrite=overwrite,
-                 absent_classes=absent_classes)
+                 absent_classes=absent_classes, bootstrap=bootstrap)
     click.echo(summary_table(result))
     click.echo(f"\nreport: {out}/ (metrics.json, per_class.csv, predictions.csv, summary.md, plots)")
 
@@ -667,18 +768,19 @@ def evaluate(checkpoint, store, manifest, images, split, thresholds_from, groups
 @click.option("--fusion", required=True, type=click.Path(path_type=Path),
               help="Fusion checkpoint trained on that backbone's store.")
 @click.option("--manifest", required=True, type=click.Path(path_type=Path), help="Manifest of the images.")
-@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Images root of the manifest.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Images root of the manifest.  [default: the root `chx prepare --images` recorded in the manifest]")
 @click.option("--store", required=True, help="The feature store the fusion model was trained on.")
 @click.option("--split", default="val", show_default=True, help="Split to compare on.")
-@click.option("--groups", type=click.Choice(["thirds", "cxr-lt", "prevalence"]), default="thirds", show_default=True,
-              help="Head/medium/tail by training frequency: thirds of the rank; cxr-lt: CXR-LT 2023's 8/10/8 of "
-                   "its 26 classes; prevalence: head > 10 %, tail < 1 % training prevalence (CXR-LT 2024, any list).")
+@_groups_option
+@_bootstrap_option
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the table (Markdown) and the full results (same name, .json) here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o table (and its .json) that chx compare wrote.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers.")
-def compare(backbone, fusion, manifest, images, store, split, groups, out, batch_size, workers):
+def compare(backbone, fusion, manifest, images, store, split, groups, bootstrap, out, overwrite, batch_size,
+            workers):
     """Score fusion against the stage-1 model's predictions aggregated per study (mean, max, the
     reference's view-weighted mean, frontal-only, lateral-only), every method on the same studies
     (frontal-only and lateral-only cover fewer studies: fusion is scored on those too).
@@ -690,13 +792,15 @@ def compare(backbone, fusion, manifest, images, store, split, groups, out, batch
       chx compare --backbone runs/b/best.pt --fusion runs/f/best.pt --manifest covid.parquet \\
           --images covid-cxr/images --store runs/covid.zarr --split val -o compare-val.md
     """
-    import json
-
+    from chx.atomic import json_text
     from chx.pipeline.compare import compare_methods, format_table
-    from chx.pipeline.report import json_safe
 
+    if out is not None:
+        _refuse_existing(out, overwrite, "comparison")
+        _refuse_existing(out.with_suffix(".json"), overwrite, "comparison")
+    images = _images_of(manifest, images)
     results = compare_methods(backbone, fusion, manifest, images, store, split, workers=workers,
-                              batch_size=batch_size, groups=groups)
+                              batch_size=batch_size, groups=groups, bootstrap=bootstrap)
     table = format_table(results, title=f"{split} split (mAP per study)")
     click.echo(table)
     if out is not None:
@@ -705,7 +809,7 @@ def compare(backbone, fusion, manifest, images, store, split, groups, out, batch
         with atomic_path(out) as tmp:
             tmp.write_text(table + "\n")
         with atomic_path(out.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(json_safe(results), indent=1))
+            tmp.write_text(json_text(results, indent=1))
         click.echo(f"wrote {out} and {out.with_suffix('.json')}")
 
 
@@ -740,7 +844,7 @@ def export(backbone, fusion, joint, fmt, out, overwrite):
     from chx.pipeline import export as stage
 
     out = out or Path({"bundle": "model.chx", "hf": "model-hf", "onnx": "model-onnx"}[fmt])
-    _refuse_existing(out, overwrite)
+    _refuse_existing(out, overwrite, {"bundle": "bundle", "hf": "export-hf", "onnx": "export-onnx"}[fmt])
     if fmt == "bundle":
         b = stage.export_bundle(backbone, fusion, out, joint=joint)
     elif fmt == "hf":
@@ -784,7 +888,7 @@ def import_reference(ckpt, kind, classes, backbone_name, out, overwrite):
     from chx.models import save_checkpoint
     from chx.models.reference import convert_reference_checkpoint
 
-    _refuse_existing(out, overwrite)
+    _refuse_existing(out, overwrite, "checkpoint")
     names = resolve_classes(classes, default="cxr-lt-2023")
     if not names:
         raise ChxError("--classes: give the reference model's class list (a named list, names, or a file)")
@@ -793,6 +897,11 @@ def import_reference(ckpt, kind, classes, backbone_name, out, overwrite):
     for what, why in (converted.get("imported_from", {}).get("dropped") or {}).items():
         click.echo(f"dropped {what}: {why}")
     click.echo(f"wrote {out}: {kind} checkpoint, {len(names)} classes")
+
+
+_VIEWS_HELP = ("The views of the --files images, one per file in the same order: --views PA,LATERAL (PA, AP, "
+               "LATERAL, LL, OTHER, or auto: the DICOM ViewPosition, else a view word of the file name). "
+               "[default: auto]")
 
 
 @cli.command("predict", context_settings=CONTEXT, short_help="Study probabilities for new images.")
@@ -807,12 +916,18 @@ def import_reference(ckpt, kind, classes, backbone_name, out, overwrite):
               help="A folder holding one sub-folder of images (PNG, JPEG, DICOM) per study.")
 @click.option("--files", multiple=True, type=click.Path(path_type=Path),
               help="Image files of ONE study: --files a.dcm b.dcm (or repeat the option).")
+@click.option("--views", "views", default=None, metavar="LIST", help=_VIEWS_HELP)
 @click.option("--study-id", default="study", show_default=True, help="Study id of the --files study.")
 @click.argument("more_files", nargs=-1, type=click.Path(path_type=Path), metavar="")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
-              help="A manifest (labels not needed) listing the images and their studies.")
+              help="A manifest (labels not needed) listing the images, their studies and views.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Images root of --manifest.")
+              help="Images root of --manifest.  [default: the root `chx prepare --images` recorded in the manifest]")
+@click.option("--split", default=None,
+              help="Only the --manifest studies of this split (e.g. test).  [default: every split]")
+@_opt(ExtractOptions, "batch_size", type=click.IntRange(min=1),
+      help="Images per backbone step and studies per fusion step (studies are batched together).")
+@_opt(ExtractOptions, "workers", type=click.IntRange(min=0), help="DataLoader workers decoding images.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"),
               show_default=True, help="Output file (.csv, .parquet or .json).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json", "parquet", "cxr-lt", "cxr-lt-2026"]),
@@ -829,39 +944,59 @@ def import_reference(ckpt, kind, classes, backbone_name, out, overwrite):
               help="Also write explanations into this folder, as `chx explain` does: one PNG per study "
                    "(its top findings' attention on each view), explain.json and index.html.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing -o file (and --explain folder).")
-def predict(bundle, backbone, fusion, joint, studies_dir, files, study_id, more_files, manifest, images, out, fmt,
-            device, runtime, explain_out, overwrite):
+def predict(bundle, backbone, fusion, joint, studies_dir, files, views, study_id, more_files, manifest, images,
+            split, batch_size, workers, out, fmt, device, runtime, explain_out, overwrite):
     """Run stage 1 + fusion end to end on new studies, with training's preprocessing; deterministic.
+
+    Views (PA, AP, LATERAL, LL, OTHER) matter to the fusion model as in training: a manifest's view
+    column; for image files --views, else a DICOM's ViewPosition, else a view word in the file name
+    (whole words of letters, any case: pa, ap, lateral, lat, ll, frontal = PA; view2_lateral.jpg ->
+    LATERAL, s1-PA.png -> PA), else OTHER, with a warning when the model uses views.
 
     \b
     Examples:
       chx predict --bundle model.chx --files frontal.dcm lateral.dcm --study-id s1 -o s1.csv
+      chx predict --bundle model.chx --files a.png b.png --views PA,LATERAL -o s1.csv
       chx predict --bundle model.chx --studies new-studies/ -o predictions.csv
+      chx predict --bundle model.chx --manifest m.parquet --images imgs/ --split test -o test.csv
       chx predict --bundle model-onnx --runtime onnxruntime --studies new-studies/ -o predictions.csv
     """
-    from chx.pipeline.predict import collect_inputs, load_predictor
+    from chx.pipeline.predict import check_manifest_file, collect_inputs, load_predictor
     from chx.pipeline.predict import predict as run
 
     from chx.pipeline.predict import output_format
 
     files = _values_then_extras("--files", files, more_files)
     fmt = output_format(out, fmt)
-    _refuse_existing(out, overwrite)
+    _refuse_existing(out, overwrite, "predictions")
     if explain_out is not None:
         if runtime != "torch":
             raise ChxError("--explain needs the models' attention: use it with --runtime torch")
-        _refuse_existing(explain_out, overwrite)
-    inputs = collect_inputs(studies_dir, files or None, manifest, images, study_id=study_id)
+        _refuse_existing(explain_out, overwrite, "explain", option="--explain")
+    check_manifest_file(manifest)
+    images = _images_of(manifest, images)
+    inputs = collect_inputs(studies_dir, files or None, manifest, images, study_id=study_id, views=views,
+                            split=split)
     predictor = load_predictor(runtime, bundle, backbone, fusion, joint=joint, device=device)
-    table = run(predictor, inputs, out, fmt)
+    _warn_views(inputs, predictor)
+    table = run(predictor, inputs, out, fmt, batch_size=batch_size, workers=workers)
     click.echo(f"wrote {out}: {table.height:,} rows ({inputs['study_id'].n_unique():,} studies, "
                f"{inputs.height:,} images)")
     if explain_out is not None:
         from chx.pipeline.explain import FusionExplainer
         from chx.pipeline.explain import explain as run_explain
 
-        _report_explain(run_explain(FusionExplainer(predictor), inputs, explain_out, ExplainOptions.top_k),
-                        explain_out)
+        _report_explain(run_explain(FusionExplainer(predictor), inputs, explain_out, ExplainOptions.top_k,
+                                    option="--explain"), explain_out)
+
+
+def _warn_views(inputs, predictor) -> None:
+    """One line on stderr (once per run) when a model that uses views meets images of unknown view."""
+    from chx.pipeline.predict import fusion_config_of, unknown_views_warning
+
+    message = unknown_views_warning(inputs, fusion_config_of(predictor))
+    if message:
+        click.echo(message, err=True)
 
 
 def _explainer(bundle, backbone, fusion, checkpoint, method, device):
@@ -899,12 +1034,13 @@ def _report_explain(doc: dict, out: Path) -> None:
               help="A folder holding one sub-folder of images (PNG, JPEG, DICOM) per study.")
 @click.option("--files", multiple=True, type=click.Path(path_type=Path),
               help="Image files of ONE study: --files a.dcm b.dcm (or repeat the option).")
+@click.option("--views", "views", default=None, metavar="LIST", help=_VIEWS_HELP)
 @click.option("--study-id", default="study", show_default=True, help="Study id of the --files study.")
 @click.argument("more_files", nargs=-1, type=click.Path(path_type=Path), metavar="")
 @click.option("--manifest", type=click.Path(path_type=Path), default=None,
-              help="A manifest (labels not needed) listing the images and their studies.")
+              help="A manifest (labels not needed) listing the images, their studies and views.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Images root of --manifest.")
+              help="Images root of --manifest.  [default: the root `chx prepare --images` recorded in the manifest]")
 @click.option("--split", default=None, help="Only the --manifest images of this split (e.g. test).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N studies.")
 @_opt(ExplainOptions, "top_k", type=click.IntRange(min=1),
@@ -918,8 +1054,8 @@ def _report_explain(doc: dict, out: Path) -> None:
               show_default=True, help="Output folder: one PNG per study, explain.json, index.html.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing -o folder.")
-def explain(bundle, backbone, fusion, checkpoint, studies_dir, files, study_id, more_files, manifest, images,
-            split, limit, top_k, classes, method, out, device, overwrite):
+def explain(bundle, backbone, fusion, checkpoint, studies_dir, files, views, study_id, more_files, manifest,
+            images, split, limit, top_k, classes, method, out, device, overwrite):
     """Show which view and which region drove each finding: per study one PNG (rows: findings,
     columns: views, each image with the finding's map on its own pixels, captioned with the
     probability and the view's share of the attention), explain.json (probabilities, shares, peaks
@@ -927,21 +1063,26 @@ def explain(bundle, backbone, fusion, checkpoint, studies_dir, files, study_id, 
 
     \b
     Examples:
-      chx explain --bundle model.chx --files frontal.png lateral.png --study-id s1 -o s1-explained
+      chx explain --bundle model.chx --files a.png b.png --views PA,LATERAL --study-id s1 -o s1-explained
       chx explain --bundle model.chx --manifest m.parquet --images imgs/ --split test --limit 20 -o ex
       chx explain --checkpoint runs/b/best.pt --files x.png -o x-explained
     """
     from chx.pipeline.explain import explain as run
     from chx.pipeline.explain import select_studies
-    from chx.pipeline.predict import collect_inputs
+    from chx.pipeline.predict import check_manifest_file, collect_inputs
 
     files = _values_then_extras("--files", files, more_files)
-    _refuse_existing(out, overwrite)
-    inputs = collect_inputs(studies_dir, files or None, manifest, images, study_id=study_id)
-    inputs = select_studies(inputs, manifest, split, limit)
+    _refuse_existing(out, overwrite, "explain")
+    check_manifest_file(manifest)
+    images = _images_of(manifest, images)
+    inputs = collect_inputs(studies_dir, files or None, manifest, images, study_id=study_id, views=views,
+                            split=split)
+    inputs = select_studies(inputs, limit=limit)
     explainer = _explainer(bundle, backbone, fusion, checkpoint, method, device)
+    if checkpoint is None:      # the fusion models use views; a stage-1 model alone does not
+        _warn_views(inputs, explainer.predictor)
     chosen = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    _report_explain(run(explainer, inputs, out, top_k, chosen), out)
+    _report_explain(run(explainer, inputs, out, top_k, chosen, images=images if manifest else None), out)
 
 
 # ----------------------------------------------------------------------------------------- demo
@@ -970,11 +1111,12 @@ def make_demo_data(out, studies, seed, size, views):
 
 @cli.command("demo", context_settings=CONTEXT, short_help="Whole pipeline on the synthetic demo (or your data).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
-              show_default=True, help="Folder for the data, runs, store and table (replaced).")
+              show_default=True, help="Folder for the data, runs, store and table (a demo folder is replaced; any "
+                   "other non-empty folder is refused).")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Run on this manifest instead of synthetic data (needs --images; splits train/val[/test]).")
+              help="Run on this manifest instead of synthetic data (splits train/val[/test]).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Images root of --manifest.")
+              help="Images root of --manifest.  [default: the root `chx prepare --images` recorded in the manifest]")
 @_opt(DemoConfig, "studies", type=click.IntRange(min=50),
               help="Synthetic studies to generate.")
 @_opt(DemoConfig, "size", type=click.IntRange(min=32), help="Image size in pixels.")
@@ -1000,11 +1142,17 @@ def demo(out, manifest, images, studies, size, model, backbone_epochs, backbone_
     """
     from chx.pipeline.demo import run_demo, visibility_table
 
-    if (manifest is None) != (images is None):
-        raise ChxError("--manifest and --images go together (the manifest's paths are relative to --images)")
+    if manifest is None and images is not None:
+        raise ChxError("--images goes with --manifest (the manifest's paths are relative to --images)")
+    images = _images_of(manifest, images)
     cfg = DemoConfig(studies=studies, size=size, model=model, backbone_epochs=backbone_epochs,
                      backbone_lr=backbone_lr, fusion_epochs=fusion_epochs, fusion_lr=fusion_lr,
                      workers=workers, seed=seed, views=views)
+    from chx.atomic import write_marker
+
+    _refuse_existing(out, True, "demo")   # the help says "(replaced)": a demo folder only, never another
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "demo")
     result = run_demo(out, cfg, manifest=manifest, images=images, echo=click.echo)
     if manifest is None:
         from chx.data.demo import visibility
@@ -1026,14 +1174,25 @@ def _one_line(error: ChxError) -> str:
     return message
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside a training loop: unwinds like Ctrl-C, so that ``finally`` blocks (temp files,
+    DataLoader workers, store handles) run before chx exits with 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors become one line on stderr and exit code 2. Every exit path
+    (success, a user error, any exception, SIGINT, SIGTERM) ends the child processes chx started."""
+    old_term = _set_signal(signal.SIGTERM, _raise_terminated)
     try:
         rc = cli.main(args=argv, prog_name="chx", standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort:   # click's form of Ctrl-C (KeyboardInterrupt)
+        click.echo("interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         # One line, like every other user error: what is wrong and where to read more.
@@ -1046,8 +1205,27 @@ def main(argv: list[str] | None = None) -> None:
     except ChxError as e:
         click.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(2)
+    except Interrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except _Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
     except BrokenPipeError:
         sys.exit(1)
+    finally:
+        end_children()
+        _set_signal(signal.SIGTERM, old_term)
+
+
+def _set_signal(signum, handler):
+    """Install a handler; returns the old one (None off the main thread, where Python allows none)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signum, handler)
+    except ValueError:
+        return None

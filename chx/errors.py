@@ -16,3 +16,13 @@ class ManifestError(ChxError):
 
 class ImageReadError(ChxError):
     """An image file cannot be read or decoded (names the file)."""
+
+
+class Interrupted(Exception):
+    """A stage was stopped by SIGINT/SIGTERM after saving what lets it continue; a command that
+    composes stages (``chx demo``) stops there too. The CLI prints the message as one line and
+    exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)

@@ -1,4 +1,13 @@
-"""Weighted asymmetric loss (weighted ASL) for multi-label, long-tailed, partly annotated labels."""
+"""Multi-label losses for long-tailed, partly annotated labels, chosen by name (``--loss``):
+
+- ``wasl`` (default): CheXFusion's weighted asymmetric loss, :func:`weighted_asl`;
+- ``asl``: the asymmetric loss without the class weights (Ridnik et al., ICCV 2021);
+- ``db``: the distribution-balanced loss (Wu et al., ECCV 2020), :func:`distribution_balanced`;
+- ``bce``: plain binary cross-entropy.
+
+Each is a module ``loss(logits [B, K], targets [B, K]) -> scalar`` built by :func:`make_loss` from
+the training labels' class prior; NaN targets (not annotated) contribute nothing.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from chx.errors import ChxError
 
 
 def class_prior(labels: np.ndarray) -> np.ndarray:
@@ -34,7 +45,8 @@ def _check_options(reduction: str, soft_targets: str) -> None:
 
 def weighted_asl(logits: torch.Tensor, targets: torch.Tensor, class_prior: torch.Tensor | np.ndarray,
                  gamma_pos: float = 1.0, gamma_neg: float = 4.0, clip: float = 0.05,
-                 reduction: str = "mean", soft_targets: str = "expected") -> torch.Tensor:
+                 reduction: str = "mean", soft_targets: str = "expected",
+                 class_weights: bool = True) -> torch.Tensor:
     """Class-weighted asymmetric loss (CheXFusion's "weighted ASL"), a scalar.
 
     Args:
@@ -56,6 +68,7 @@ def weighted_asl(logits: torch.Tensor, targets: torch.Tensor, class_prior: torch
             It sharpens pseudo labels: at prior 0.05 a label of 0.1 is fitted by p = 0.05, one of
             0.9 by p -> 1 (see benchmarks/soft_labels.py). The paper's self-training gain was
             obtained with it.
+        class_weights: False gives the plain ASL (w+ = w- = 1; ``--loss asl``).
 
     With p = sigmoid(logit), w+ = exp(1 - p_c), w- = exp(p_c), p_m = max(p - m, 0):
         L+ = -w+ (1 - p)^gamma_pos log(p),   L- = -w- p_m^gamma_neg log(1 - p_m)
@@ -78,8 +91,10 @@ def weighted_asl(logits: torch.Tensor, targets: torch.Tensor, class_prior: torch
             raise ValueError(f"class_prior has shape {tuple(prior.shape)}, expected ({x.shape[1]},)")
         annotated = ~torch.isnan(t)
         y = torch.where(annotated, t, torch.zeros_like(t))
-        w_pos = torch.exp(1.0 - prior)
-        w_neg = torch.exp(prior)
+        if class_weights:
+            w_pos, w_neg = torch.exp(1.0 - prior), torch.exp(prior)
+        else:
+            w_pos = w_neg = torch.ones_like(prior)
 
         p, one_minus_p = torch.sigmoid(x), torch.sigmoid(-x)   # 1 - p without cancellation
         log_p = F.logsigmoid(x)
@@ -110,11 +125,12 @@ class WeightedASL(nn.Module):
 
     def __init__(self, class_prior: torch.Tensor | np.ndarray, gamma_pos: float = 1.0,
                  gamma_neg: float = 4.0, clip: float = 0.05, reduction: str = "mean",
-                 soft_targets: str = "expected"):
+                 soft_targets: str = "expected", class_weights: bool = True):
         super().__init__()
         _check_options(reduction, soft_targets)
         prior = torch.as_tensor(class_prior, dtype=torch.float32).clone()
         self.register_buffer("class_prior", prior)
+        self.class_weights = class_weights
         self.gamma_pos = gamma_pos
         self.gamma_neg = gamma_neg
         self.clip = clip
@@ -123,8 +139,120 @@ class WeightedASL(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return weighted_asl(logits, targets, self.class_prior, self.gamma_pos, self.gamma_neg,
-                            self.clip, self.reduction, self.soft_targets)
+                            self.clip, self.reduction, self.soft_targets, self.class_weights)
 
     def extra_repr(self) -> str:
         return (f"gamma_pos={self.gamma_pos}, gamma_neg={self.gamma_neg}, clip={self.clip}, "
-                f"reduction={self.reduction!r}, soft_targets={self.soft_targets!r}")
+                f"reduction={self.reduction!r}, soft_targets={self.soft_targets!r}, "
+                f"class_weights={self.class_weights}")
+
+
+def distribution_balanced(logits: torch.Tensor, targets: torch.Tensor,
+                          class_prior: torch.Tensor | np.ndarray, alpha: float = 0.1, beta: float = 10.0,
+                          mu: float = 0.3, kappa: float = 0.05, neg_scale: float = 2.0,
+                          gamma: float = 2.0, scale: float = 2.0) -> torch.Tensor:
+    """Distribution-balanced loss (Wu et al., ECCV 2020), as the authors' ``ResampleLoss`` computes it
+    with ``reweight_func='rebalance'``, focal on and ``logit_reg`` on; a scalar, the mean over the
+    annotated elements.
+
+    With p_c the class prior (the training positive rate, which stands for n_c / N: N cancels), for
+    sample b and class i:
+
+    - re-balanced weight: ``r_bi = (1 / p_i) / sum_{c: y_bc = 1} (1 / p_c)`` (the class-level over the
+      instance-level sampling rate), smoothed ``r^_bi = alpha + sigmoid(beta (r_bi - mu))``, for
+      positives and negatives alike. A sample without positives has r = inf: r^ = alpha + 1.
+    - negative-tolerant regularisation: the logit is shifted by the class-specific bias
+      ``b_i = -(kappa / lambda) log(1 / p_i - 1)`` (z' = z + b_i) and negatives are scaled by
+      ``lambda`` (``neg_scale``):
+        L+ = -(1 - q+)^gamma log(q+),              q+ = sigmoid(z')
+        L- = -(1 / lambda) q-^gamma log(1 - q-),   q- = sigmoid(lambda z')
+    - ``L = scale * r^ * [y L+ + (1 - y) L-]`` (``scale`` is their focal ``balance_param``).
+
+    Defaults: alpha 0.1, beta 10, mu 0.3, kappa 0.05, lambda 2, gamma 2, scale 2 (the paper's text;
+    the authors' COCO config has mu 0.2 / lambda 2, their VOC config mu 0.3 / lambda 5). As in their
+    code, the bias is kappa/lambda log(1/p - 1) inside the positive term (the paper writes kappa
+    log(1/p - 1)), and it shapes the loss only: the model's own logits are what it predicts with.
+
+    Soft labels (pseudo labels) enter linearly, as the expected loss of a hard label drawn with
+    probability y; y also counts fractionally in the instance-level rate. p is clamped to
+    [1e-6, 1 - 1e-6] (a class without a training positive gets a finite bias).
+    """
+    if logits.shape != targets.shape or logits.dim() != 2:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both "
+                         f"be [B, K]")
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        x = logits.float()
+        t = targets.to(device=x.device, dtype=torch.float32)
+        prior = torch.as_tensor(class_prior, dtype=torch.float32, device=x.device)
+        if prior.shape != (x.shape[1],):
+            raise ValueError(f"class_prior has shape {tuple(prior.shape)}, expected ({x.shape[1]},)")
+        p = prior.clamp(1e-6, 1.0 - 1e-6)
+        annotated = ~torch.isnan(t)
+        y = torch.where(annotated, t, torch.zeros_like(t))
+        with torch.no_grad():
+            freq_inv = 1.0 / p                                                   # [K]
+            repeat = (y * freq_inv).sum(dim=1, keepdim=True)                     # [B, 1]
+            r = torch.where(repeat > 0, freq_inv / repeat.clamp(min=1e-30),
+                            torch.full_like(repeat, float("inf")))
+            weight = alpha + torch.sigmoid(beta * (r - mu))                      # [B, K]
+        z = x - (kappa / neg_scale) * torch.log(1.0 / p - 1.0)
+        pos = (1.0 - torch.sigmoid(z)).pow(gamma) * F.softplus(-z)
+        zn = neg_scale * z
+        neg = torch.sigmoid(zn).pow(gamma) * F.softplus(zn) / neg_scale
+        loss = scale * weight * (y * pos + (1.0 - y) * neg)
+        return (loss * annotated).sum() / annotated.sum().clamp(min=1)
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with logits, the mean over the annotated (non-NaN) elements."""
+    if logits.shape != targets.shape or logits.dim() != 2:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both "
+                         f"be [B, K]")
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        x = logits.float()
+        t = targets.to(device=x.device, dtype=torch.float32)
+        annotated = ~torch.isnan(t)
+        y = torch.where(annotated, t, torch.zeros_like(t))
+        loss = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+        return (loss * annotated).sum() / annotated.sum().clamp(min=1)
+
+
+class DistributionBalancedLoss(nn.Module):
+    """:func:`distribution_balanced` with the class prior [K] held as a buffer."""
+
+    def __init__(self, class_prior: torch.Tensor | np.ndarray, **options):
+        super().__init__()
+        self.register_buffer("class_prior", torch.as_tensor(class_prior, dtype=torch.float32).clone())
+        self.options = options
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return distribution_balanced(logits, targets, self.class_prior, **self.options)
+
+
+class BCELoss(nn.Module):
+    """:func:`masked_bce` as a module."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return masked_bce(logits, targets)
+
+
+LOSSES = ("wasl", "asl", "db", "bce")
+DEFAULT_LOSS = "wasl"
+
+
+def make_loss(name: str, class_prior: torch.Tensor | np.ndarray, soft_targets: str = "expected",
+              **options) -> nn.Module:
+    """The loss ``name`` (:data:`LOSSES`) on the training labels' class prior [K]. ``soft_targets``
+    "reference" is the weighted ASL's formula: the other losses refuse it (they read a soft label as
+    the expected loss)."""
+    if name not in LOSSES:
+        raise ChxError(f"--loss {name!r} is not one of {', '.join(LOSSES)}")
+    if name in ("wasl", "asl"):
+        return WeightedASL(class_prior, soft_targets=soft_targets, class_weights=name == "wasl",
+                           **options)
+    if soft_targets != "expected":
+        raise ChxError(f"--soft-targets {soft_targets} is a formula of the (weighted) ASL; --loss {name} "
+                       f"reads soft labels as the expected loss: drop --soft-targets or use --loss wasl")
+    if name == "db":
+        return DistributionBalancedLoss(class_prior, **options)
+    return BCELoss(**options)

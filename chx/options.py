@@ -72,6 +72,12 @@ class BackboneOptions:
     grad_checkpointing: bool = False
     eval_batch_size: int = 16
     soft_targets: str = "expected"   # expected | reference: the loss on soft (pseudo) labels
+    head: str = "ml-decoder"     # ml-decoder | csra | linear (chx.models.heads)
+    csra_heads: int = 1          # CSRA: 1, 2, 4, 6 or 8 heads (the paper's temperature sets)
+    csra_lambda: float = 0.1     # CSRA: weight of the class-specific attention pooling
+    loss: str = "wasl"           # wasl | asl | db | bce (chx.losses)
+    clahe: bool = False          # CLAHE augmentation (p 0.5, clip limit 1-4, 8 x 8 tiles)
+    coarse_dropout: float = 0.0  # hole side as a fraction of the image side (1-8 holes, p 0.5); 0 = off
 
 
 @dataclass

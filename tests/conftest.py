@@ -37,7 +37,8 @@ def nih_manifest(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("nih") / "nih.parquet"
     from chx.pipeline.prepare import prepare
 
-    prepare("nih", [table], out, images=images, only_existing=True, val_fraction=0.2, seed=0)
+    prepare("nih", [table], out, classes="cxr-lt-2023", images=images, only_existing=True,
+            val_fraction=0.2, seed=0)
     return out
 
 

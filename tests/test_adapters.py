@@ -46,10 +46,10 @@ def test_registry_names_defaults_and_unknown_name_lists_known():
     assert list(ADAPTERS) == ["cxr-lt", "nih", "chexpert", "vindr", "iu-xray", "covid",
                               "mimic-cxr", "padchest", "cxr-lt-2026", "brax", "table"]
     assert {n: a.default_classes for n, a in ADAPTERS.items()} == {
-        "cxr-lt": "cxr-lt-2023", "nih": "cxr-lt-2023", "chexpert": "cxr-lt-2023",
-        "vindr": "cxr-lt-2023", "iu-xray": "cxr-lt-2023", "covid": "data",
-        "mimic-cxr": "cxr-lt-2023", "padchest": "cxr-lt-2023", "cxr-lt-2026": "cxr-lt-2026",
-        "brax": "cxr-lt-2023", "table": "data"}
+        "cxr-lt": "cxr-lt-2023", "nih": "data", "chexpert": "data",
+        "vindr": "data", "iu-xray": "data", "covid": "data",
+        "mimic-cxr": "cxr-lt-2023", "padchest": "data", "cxr-lt-2026": "cxr-lt-2026",
+        "brax": "data", "table": "data"}
     assert all(a.summary and "\n" not in a.summary for a in ADAPTERS.values())
     with pytest.raises(ChxError, match="unknown dataset 'mimic'.*cxr-lt, nih, chexpert, vindr, iu-xray, covid"):
         get_adapter("mimic")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import polars as pl
+import pytest
 
 from chx.data.demo import CLASS_NAMES, FINDINGS, make_demo_data
 from chx.data.manifest import read_manifest, summarize
@@ -44,6 +45,23 @@ def test_chx_demo_runs_end_to_end_and_prints_the_table(capsys, tmp_path):
     assert "| stage-1 mean |" in out and "| stage-1 max |" in out and "| fusion |" in out
     assert "mAP by where a finding is visible" in out and "lateral only" in out and "| frontal |" in out
     assert (tmp_path / "demo" / "fusion" / "best.pt").exists()
+
+
+def test_view_attribution_per_finding_over_studies_with_both_view_types():
+    """`summarise_scores`'s per-finding shares (what the demo test asserts on the findings the model
+    learned): the mean over a finding's positive studies that have a frontal and a lateral view;
+    a study with one view type does not count, a finding without such a study is absent."""
+    from chx.engine.explain import summarise_scores
+
+    def rec(finding, frontal, both=True):
+        return {"finding": finding, "share": {"frontal": frontal, "lateral": 1 - frontal}, "both_types": both,
+                "hit": None, "chance": None, "box_chance": None, "view_hits": [], "view_chances": []}
+
+    records = [rec("A", 0.2), rec("A", 0.4), rec("A", 1.0, both=False), rec("B", 0.9), rec("C", 1.0, both=False)]
+    per = summarise_scores(records, {"A": "lateral", "B": "frontal", "C": "frontal"})["attribution_per_finding"]
+    assert set(per) == {"A", "B"}
+    assert per["A"] == {"studies": 2, "lateral share": pytest.approx(0.7), "frontal share": pytest.approx(0.3)}
+    assert per["B"] == {"studies": 1, "lateral share": pytest.approx(0.1), "frontal share": pytest.approx(0.9)}
 
 
 # Measured (2026-11-29, 2 CPU cores, data seeds 0 and 1): one-view mAP fusion 0.239 / 0.251 vs the

@@ -59,7 +59,8 @@ def _predict(capsys, tmp_path, bundle, studies, *extra):
 
 def test_hf_folder_predicts_offline_as_the_bundle(capsys, tmp_path, exported, studies, monkeypatch):
     hf = exported / "model-hf"
-    assert sorted(p.name for p in hf.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in hf.iterdir()) == [".chx-output.json", "README.md", "config.json",
+                                                    "model.safetensors"]   # the marker: tests/test_overwrite.py
     config = json.loads((hf / "config.json").read_text())
     assert set(config) >= {"architecture", "class_names", "preprocessing", "features"}
     assert set(config["architecture"]) == {"backbone", "fusion"} and config["preprocessing"]["size"] == 64

@@ -65,6 +65,7 @@ def test_signal_saves_last_and_resume_matches_uninterrupted(capsys, tmp_path, ni
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-2000:]
     assert "Traceback" not in err and "--resume" in err
+    assert err.count("saved; continue with --resume") == 1, err[-2000:]   # once, by the main process
     step = load_checkpoint(out / "last.pt")["step"]
     assert 5 <= step < STEPS
 

@@ -61,7 +61,8 @@ def test_class_typo_is_refused_with_did_you_mean(capsys, tmp_path):
     code, stdout, err = run_chx(capsys, "prepare", "nih", table, "--classes",
                                 "Pleural Effusion,Support Devices,COVID-19", "-o", out)
     assert code == 0, err
-    assert "not annotated by nih (null): Support Devices, COVID-19" in stdout
+    assert "warning: 2 of 3 classes are annotated by no row of nih (always null: a model cannot learn " \
+           "them): Support Devices, COVID-19; --classes data" in err
     assert read_manifest(out)["Pleural Effusion"].to_list() == [1, 0, 1]
 
 

@@ -234,7 +234,9 @@ def test_changed_bytes_in_a_shard_are_found_by_verify_checksums(tmp_path):
     data[10] ^= 0x01                                                      # one bit, inside image data
     obj.write_bytes(bytes(data))
     with open_store(path) as s:
-        s.read_shard(3)                                                   # still decodes: only a checksum sees it
+        with pytest.raises(ChxError, match="do not match their checksum") as e:
+            s.read_shard(3)                       # decodes fine: the per-image checksum checked on read sees it
+        assert repr(s.image_ids[12]) in one_line(e) and "--repair" in str(e.value)
         report = s.verify()
     assert report.checksums and report.checked == report.n_shards
     assert report.bad_shards.tolist() == [3] and "changed since it was written" in report.problems[0].problem

@@ -132,6 +132,14 @@ HEAD_MIN_PREVALENCE = 0.10
 TAIL_MAX_PREVALENCE = 0.01
 
 
+def prevalence_group(p: float, head_min: float = HEAD_MIN_PREVALENCE,
+                     tail_max: float = TAIL_MAX_PREVALENCE) -> str:
+    """THE head / medium / tail rule of chx (prepare's summary, evaluate's and compare's default
+    ``--groups prevalence``, training validation): head above ``head_min`` training prevalence,
+    tail below ``tail_max``, medium in between (both bounds included)."""
+    return "head" if p > head_min else "tail" if p < tail_max else "medium"
+
+
 def frequency_groups(positives: Mapping[str, int], annotated: Mapping[str, int], *,
                      head_min: float = HEAD_MIN_PREVALENCE,
                      tail_max: float = TAIL_MAX_PREVALENCE) -> dict[str, list[str]]:
@@ -145,5 +153,5 @@ def frequency_groups(positives: Mapping[str, int], annotated: Mapping[str, int],
     for name, n in annotated.items():
         if n:
             p = positives.get(name, 0) / n
-            groups["head" if p > head_min else "tail" if p < tail_max else "medium"].append(name)
+            groups[prevalence_group(p, head_min, tail_max)].append(name)
     return groups

@@ -43,7 +43,7 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, df: pl.DataFrame, images_root: str | Path | list, pre: Preprocess,
-                 train: bool = False, classes: list[str] | None = None):
+                 train: bool = False, classes: list[str] | None = None, augment: dict | None = None):
         check_paths(df)
         # One root for all rows, or one per row (several manifests with their own roots).
         roots = images_root if isinstance(images_root, list) else [images_root] * df.height
@@ -53,7 +53,8 @@ class ImageDataset(Dataset):
         self.labels = torch.from_numpy(label_matrix(df, self.classes))
         self.pre = pre
         self.train = train
-        self.transform = train_transform(pre) if train else eval_transform(pre)
+        # augment: train_transform's options (clahe, coarse_dropout); training only
+        self.transform = train_transform(pre, **(augment or {})) if train else eval_transform(pre)
 
     def __len__(self) -> int:
         return len(self.files)

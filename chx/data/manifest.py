@@ -13,11 +13,14 @@ One row per image::
 Every column that is not an id column is a class column, in order: the class list is data.
 Labels are per study, so all images of a study must agree on them.
 
-Stored as Parquet (CSV is accepted on input). Writes are atomic (temp name, then rename).
+Stored as Parquet (CSV is accepted on input). Writes are atomic (temp name, then rename). A Parquet
+manifest made by `chx prepare --images ROOT` records ROOT in its metadata (:func:`images_root`), so
+later commands need no ``--images`` (one given overrides it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -225,15 +228,94 @@ def soft_label_count(df: pl.DataFrame) -> int:
     """How many labels lie strictly between 0 and 1 (pseudo labels)."""
     return int(sum(((df[c] > 0) & (df[c] < 1)).sum() for c in class_columns(df)))
 
-def write_manifest(df: pl.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a manifest atomically: Parquet unless the name ends in .csv."""
+def write_manifest(df: pl.DataFrame, path: str | os.PathLike, *,
+                   images_root: str | os.PathLike | None = None) -> Path:
+    """Write a manifest atomically: Parquet unless the name ends in .csv. A Parquet manifest records
+    ``images_root`` (the ``--images`` of `chx prepare`) in its metadata (:func:`images_root`)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".csv":
             df.write_csv(tmp)
+        elif images_root is not None:
+            df.write_parquet(tmp, metadata={IMAGES_ROOT_KEY: json.dumps(_root_record(images_root, path))})
         else:
             df.write_parquet(tmp)
     return path
+
+
+# The Parquet metadata key of a manifest's images root: {"given": the path as given to `chx prepare
+# --images`, "relative": the same folder relative to the manifest's folder (null where there is none,
+# e.g. another drive)}.
+IMAGES_ROOT_KEY = "chx.images_root"
+
+
+def _root_record(root: str | os.PathLike, manifest: Path) -> dict:
+    try:
+        relative = os.path.relpath(Path(root).resolve(), manifest.resolve().parent)
+    except ValueError:
+        relative = None
+    return {"given": str(root), "relative": relative}
+
+
+def portable_path(path: str | os.PathLike, *roots: str | os.PathLike | None, keep: int = 1) -> str:
+    """``path`` as an output meant to be shared (a model card, explain.json) may show it: relative to
+    the first of ``roots`` that holds it; else a relative path that does not climb out ('..') as
+    given; else its last ``keep`` parts (``keep=2``: a checkpoint's run folder and name), or its
+    name alone where those would name the home directory. Never an absolute path: the home and
+    data directories of the machine that wrote it stay out. URLs (fsspec stores) are kept."""
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        return text
+    p = Path(text.removeprefix("file://"))
+    for root in roots:
+        if root is None:
+            continue
+        try:
+            return p.resolve().relative_to(Path(root).resolve()).as_posix() or "."
+        except (ValueError, OSError, RuntimeError):
+            continue
+    if not p.is_absolute() and ".." not in p.parts:
+        return p.as_posix()
+    home = Path.home()
+    if keep > 1 and len(p.parts) > keep and p.parents[keep - 2] not in (home, *home.parents):
+        return Path(*p.parts[-keep:]).as_posix()
+    return p.name
+
+
+def recorded_images_root(manifest: str | os.PathLike) -> dict | None:
+    """The images root a Parquet manifest records ({"given", "relative"}); None for a CSV manifest,
+    one prepared without ``--images`` or one that cannot be read."""
+    manifest = Path(manifest)
+    if manifest.suffix.lower() in {".csv", ".gz"} or not manifest.is_file():
+        return None
+    try:
+        record = json.loads(pl.read_parquet_metadata(manifest).get(IMAGES_ROOT_KEY) or "null")
+    except (pl.exceptions.PolarsError, OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("given") else None
+
+
+def images_root(manifest: str | os.PathLike, given: str | os.PathLike | None = None) -> Path:
+    """The images root of ``manifest``: ``given`` (``--images``) when given, else the one `chx prepare
+    --images` recorded in it: an absolute path as given, else the path relative to the manifest's
+    folder (it travels with a manifest moved together with its images), else as given (relative to
+    the working directory). ChxError (one line) when none is recorded or it no longer exists."""
+    if given is not None:
+        return Path(given)
+    record = recorded_images_root(manifest)
+    if record is None:
+        raise ChxError(f"{manifest} records no images root (prepared without --images, or a CSV "
+                       f"manifest); give --images ROOT")
+    as_given = Path(record["given"])
+    candidates = [as_given] if as_given.is_absolute() else []
+    if record.get("relative"):
+        candidates.append(Path(manifest).parent / record["relative"])
+    candidates.append(as_given)
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise ChxError(f"{manifest}: its images root {record['given']} (recorded by `chx prepare --images`) "
+                   f"no longer exists; give --images ROOT")
 
 
 def summarize(df: pl.DataFrame) -> dict:

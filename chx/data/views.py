@@ -2,8 +2,9 @@
 deterministic order, and the map from native view strings (dataset tables, DICOM ViewPosition).
 
 Every stage uses this module: ``chx prepare`` (adapters), the manifest validator, the feature
-store, the fusion model's view types, the study dataset and ``chx predict`` (DICOM headers), so a
-view string means the same thing in training and in serving.
+store, the fusion model's view types, the study dataset and ``chx predict`` / ``chx explain``
+(DICOM headers, file names: :func:`file_name_view`), so a view string means the same thing in
+training and in serving.
 
 Canonical views: PA, AP, LATERAL, LL, OTHER. Native strings are compared upper-cased, with ``_``
 and ``-`` read as spaces and runs of spaces collapsed; anything not in :data:`NATIVE_VIEWS` is
@@ -55,6 +56,30 @@ def view_key(native) -> str:
 def canonical_view(native) -> str:
     """A native view string (a table's column, a DICOM ViewPosition) -> PA, AP, LATERAL, LL or OTHER."""
     return NATIVE_VIEWS.get(view_key(native), "OTHER")
+
+
+# File-name rule (`chx predict` / `chx explain` on plain image files): whole words of the file's
+# stem (runs of letters between non-letters, any case) that name a view. FRONTAL (PA or AP, not
+# said which) reads as PA: the same view type (frontal) and the frontal-first order. Single letters
+# (L) and RL are not read: too common in names for other reasons.
+FILE_NAME_VIEWS: dict[str, str] = {
+    **{token: canonical_view(token) for token in ("PA", "AP", "LATERAL", "LAT", "LL", "POSTEROANTERIOR",
+                                                  "ANTEROPOSTERIOR")},
+    "FRONTAL": "PA",
+}
+_LETTER_RUNS = re.compile(r"[A-Za-z]+")
+
+
+def file_name_view(name) -> str | None:
+    """The view a file's name states, or None: the words of its stem (letter runs between
+    non-letters, case-insensitive) looked up in :data:`FILE_NAME_VIEWS`; words naming two different
+    views (``pa_and_lat``) state none. ``view3_lateral.jpg`` -> LATERAL, ``s1-PA.png`` -> PA,
+    ``view1_frontal.jpg`` -> PA, ``000001-12.png`` / ``chestPA.png`` / ``capture.png`` -> None."""
+    from pathlib import PurePath
+
+    stem = PurePath(str(name)).stem
+    found = {FILE_NAME_VIEWS[w.upper()] for w in _LETTER_RUNS.findall(stem) if w.upper() in FILE_NAME_VIEWS}
+    return found.pop() if len(found) == 1 else None
 
 
 def canonical_view_expr(expr):

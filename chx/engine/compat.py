@@ -34,8 +34,16 @@ def require_same_backbone(store_fingerprint: dict | None, backbone_sha256: str, 
     made_by = (store_fingerprint or {}).get("checkpoint_sha256")
     if made_by is not None and made_by != backbone_sha256:
         raise ChxError(f"{store_name} was made with the features of another backbone than "
-                       f"{backbone_name} (weights hash {made_by[:12]} vs {backbone_sha256[:12]}); use "
-                       f"the backbone its store was extracted with, or extract a new store")
+                       f"{backbone_name} (weights hash {made_by[:12]} made it, {backbone_name} has "
+                       f"{backbone_sha256[:12]}); use the backbone its store was extracted with, or "
+                       f"extract a new store")
+
+
+def _short(value) -> str:
+    """A fingerprint value for a message: hashes (64 hex digits) cut to 12."""
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    return repr(value)
 
 
 def check_fusion_store(ckpt: dict, checkpoint, store) -> list[str]:
@@ -47,10 +55,61 @@ def check_fusion_store(ckpt: dict, checkpoint, store) -> list[str]:
                              fix="evaluate on the store the fusion model was trained on (or one "
                                  "extracted with the same classes)")
         trained_on = ckpt.get("store_fingerprint")
-        if trained_on:
-            diff = fingerprint_diff(trained_on, s.fingerprint)
-            if diff:
-                raise ChxError(f"store {store} was not made like the store {checkpoint} was trained on "
-                               f"({'; '.join(diff)}); evaluate on features of the same backbone and "
-                               f"options")
+        if trained_on and fingerprint_diff(trained_on, s.fingerprint):
+            # expected (the training store, recorded in the checkpoint) vs found (this store)
+            found = s.fingerprint
+            diff = [f"{k} {_short(found.get(k, '<absent>'))} in this store vs "
+                    f"{_short(trained_on.get(k, '<absent>'))} in the training store"
+                    for k in sorted(set(trained_on) | set(found))
+                    if trained_on.get(k, "<absent>") != found.get(k, "<absent>")]
+            raise ChxError(f"store {store} was not made like the store {checkpoint} was trained on "
+                           f"({'; '.join(diff)}); evaluate on features of the same backbone and "
+                           f"options")
         return sorted(set(s.splits) - {""})
+
+
+def store_data_sha256(store) -> str:
+    """A hash of what a store says about its images besides the maps: ids, studies, views, splits
+    and labels (the fingerprint says how the maps were made, not which data they are; a store
+    extracted again from a manifest with other splits has the same fingerprint)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for part in (store.image_ids, store.study_ids, store.views, store.splits, store.class_names):
+        h.update("\x1f".join(map(str, part)).encode())
+        h.update(b"\x1e")
+    h.update(np.ascontiguousarray(store.study_ptr, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(store.labels, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def require_same_inputs(ckpt: dict, meta: dict, run: str) -> None:
+    """A resumed run trains on what its first part did: the same manifest contents (sha256, whatever
+    the file is called now), the same store (fingerprint and data) and the same starting weights.
+    ``ckpt`` is the run's last.pt, ``meta`` what this invocation would record; a record missing on
+    either side (an older run) is not compared."""
+    changed = []
+    old, new = ckpt.get("manifest_sha256"), meta.get("manifest_sha256")
+    if isinstance(old, dict) and isinstance(new, dict):
+        for (name, a), b in zip(old.items(), new.values()):
+            if a != b:
+                changed.append(f"manifest {name} changed since the run started (sha256 {_short(a)} -> "
+                               f"{_short(b)})")
+    old, new = ckpt.get("store_fingerprint"), meta.get("store_fingerprint")
+    if old and new and fingerprint_diff(old, new):
+        diff = [f"{k} {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}"
+                for k in sorted(set(old) | set(new)) if old.get(k, "<absent>") != new.get(k, "<absent>")]
+        changed.append(f"the store's features were made otherwise ({', '.join(diff)})")
+    old, new = ckpt.get("store_data_sha256"), meta.get("store_data_sha256")
+    if old and new and old != new:
+        changed.append(f"the store holds other images, splits or labels (data sha256 {_short(old)} -> "
+                       f"{_short(new)})")
+    old, new = ckpt.get("initialised_from"), meta.get("initialised_from")
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed += [f"the --{k.removesuffix('_sha256')} checkpoint's weights changed ({_short(old[k])} -> "
+                    f"{_short(new.get(k))})" for k in sorted(old) if k in new and old[k] != new[k]]
+    if changed:
+        raise ChxError(f"--resume: the run in {run} trained on other inputs: {'; '.join(changed)}; resume "
+                       f"with the inputs the run started with (see its config.json) or start a new --out")

@@ -335,7 +335,8 @@ def summarise_scores(records: list[dict], visibility: dict[str, str]) -> dict:
 
     ``attribution``: for the findings visible only in the lateral (frontal) view, over the positive
     studies that have both a frontal and a lateral view, the mean attention share on each view type.
-    ``pointing``: the study-peak hit rate and its chance rates (box grown by the tolerance, and as
+    ``attribution_per_finding``: the same shares per finding (every finding, over its positive
+    studies with both view types). ``pointing``: the study-peak hit rate and its chance rates (box grown by the tolerance, and as
     drawn) over the positive (study, finding) pairs with a drawn sign; ``pointing_in_view`` the same
     per (study, finding, view showing it), chance with the tolerance."""
     attribution = {}
@@ -345,6 +346,13 @@ def summarise_scores(records: list[dict], visibility: dict[str, str]) -> dict:
             "studies": len(rows),
             "lateral share": float(np.mean([r["share"]["lateral"] for r in rows])) if rows else float("nan"),
             "frontal share": float(np.mean([r["share"]["frontal"] for r in rows])) if rows else float("nan")}
+    by_finding = {}
+    for r in records:
+        if r["both_types"]:
+            by_finding.setdefault(r["finding"], []).append(r["share"])
+    per_finding = {f: {"studies": len(s), "lateral share": float(np.mean([x["lateral"] for x in s])),
+                       "frontal share": float(np.mean([x["frontal"] for x in s]))}
+                   for f, s in by_finding.items()}
     pairs = [r for r in records if r["hit"] is not None]
     hits = [h for r in pairs for h in r["view_hits"]]
     chances = [c for r in pairs for c in r["view_chances"]]
@@ -352,7 +360,7 @@ def summarise_scores(records: list[dict], visibility: dict[str, str]) -> dict:
     def rate(values):
         return float(np.mean(values)) if values else float("nan")
 
-    return {"attribution": attribution,
+    return {"attribution": attribution, "attribution_per_finding": per_finding,
             "pointing": {"pairs": len(pairs), "hit rate": rate([r["hit"] for r in pairs]),
                          "chance": rate([r["chance"] for r in pairs]),
                          "box chance": rate([r["box_chance"] for r in pairs])},

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from chx.models import load_checkpoint, load_model
 from chx.models.joint import stored_maps
+from chx.workers import batches, worker_init
 
 FEATURE_DTYPE = torch.float16   # the store's dtype of a map before any compact encoding
 
@@ -51,7 +52,7 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.devic
     held = on_device(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0 if held else workers,
                       collate_fn=collate_fn, pin_memory=device.type == "cuda" and not held,
-                      generator=torch.Generator().manual_seed(0))
+                      worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()
@@ -63,15 +64,16 @@ def predict_images(model: nn.Module, dataset: Dataset, *, batch_size: int = 16, 
     was_training = model.training
     model.eval()
     out = []
-    for batch in tqdm(_loader(dataset, batch_size, workers, device), desc=desc, unit="batch", leave=False,
-                      disable=None if show_progress else True):
-        x = batch["image"].to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        p = torch.sigmoid(model(x).float())
-        if tta:
-            p = 0.5 * (p + torch.sigmoid(model(torch.flip(x, dims=[-1])).float()))
-        out.append(p.cpu())
+    with batches(_loader(dataset, batch_size, workers, device)) as loader:   # workers end on any exit
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False,
+                          disable=None if show_progress else True):
+            x = batch["image"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            p = torch.sigmoid(model(x).float())
+            if tta:
+                p = 0.5 * (p + torch.sigmoid(model(torch.flip(x, dims=[-1])).float()))
+            out.append(p.cpu())
     model.train(was_training)
     k = out[0].shape[1] if out else 0
     return torch.cat(out).numpy() if out else np.zeros((0, k), np.float32)
@@ -105,10 +107,10 @@ def predict_studies(model: nn.Module, dataset: Dataset, flipped: Dataset | None 
     if flipped is not None:
         loaders.append(_loader(flipped, batch_size, 0, device, collate_studies))
     out = []
-    for batches in tqdm(zip(*loaders), total=len(loaders[0]), desc=desc, unit="batch", leave=False,
-                        disable=None):
-        b = batches[0]
-        flip = batches[1]["features"].to(device) if flipped is not None else None
+    for pair in tqdm(zip(*loaders), total=len(loaders[0]), desc=desc, unit="batch", leave=False,
+                     disable=None):
+        b = pair[0]
+        flip = pair[1]["features"].to(device) if flipped is not None else None
         out.append(fusion_probs(model, b["features"].to(device), b["view_mask"].to(device),
                                 b["view_types"].to(device), flip).cpu())
     model.train(was_training)

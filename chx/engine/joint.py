@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from chx.data.study_images import collate_study_images
 from chx.engine.inference import feature_maps, fusion_probs
 from chx.models.joint import JointModel, to_slots
+from chx.workers import batches, worker_init
 
 
 @torch.no_grad()
@@ -33,15 +34,17 @@ def predict_study_images(model: JointModel, dataset: Dataset, *, batch_size: int
     # not move it (a resumed run restores the RNG as it was before the validation)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate_study_images, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(0))
+                        worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0))
     out = []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
-        x = batch["images"].to(device, non_blocking=True)
-        mask, types = batch["view_mask"].to(device), batch["view_types"].to(device)
+    with batches(loader) as it:   # the workers end on any exit
+        for batch in tqdm(it, desc=desc, unit="batch", leave=False, disable=None):
+            x = batch["images"].to(device, non_blocking=True)
+            mask, types = batch["view_mask"].to(device), batch["view_types"].to(device)
 
-        def slots(flip: bool) -> torch.Tensor:
-            return to_slots(feature_maps(model.image, x, model.pool, flip=flip).float(), mask)
-        out.append(fusion_probs(model.fusion, slots(False), mask, types, slots(True) if tta else None).cpu())
+            def slots(flip: bool) -> torch.Tensor:
+                return to_slots(feature_maps(model.image, x, model.pool, flip=flip).float(), mask)
+            out.append(fusion_probs(model.fusion, slots(False), mask, types,
+                                    slots(True) if tta else None).cpu())
     model.train(was_training)
     k = model.fusion.config["num_classes"]
     return torch.cat(out).numpy() if out else np.zeros((0, k), np.float32)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import math
 import signal
 import sys
@@ -30,13 +29,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from chx.atomic import json_text
 from chx.data.samplers import EpochSampler
-from chx.engine.compat import require_same_classes
+from chx.engine.compat import require_same_classes, require_same_inputs
 from chx.engine.distributed import Distributed, setup_distributed
 from chx.engine.inference import on_device
 from chx.errors import ChxError
 from chx.models import load_checkpoint, save_checkpoint
 from chx.options import TrainConfig
+from chx import workers
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -158,6 +159,12 @@ class RunFolder:
         if overwrite and not resume:
             for p in (self.last, self.best, self.metrics, *self.out.glob("events.out.tfevents.*")):
                 p.unlink(missing_ok=True)
+        try:   # an unwritable (immutable, read-only) metrics.jsonl stops here, not after the first steps
+            open(self.metrics, "a").close()
+        except OSError as e:
+            self.close()
+            raise ChxError(f"cannot write {self.metrics}: {e.strerror or e}; make it writable (e.g. "
+                           f"`chattr -i`, `chmod u+w`) or use another --out") from None
 
     def close(self) -> None:
         if self._lock is not None:
@@ -167,8 +174,12 @@ class RunFolder:
             self.tensorboard.close()
 
     def log(self, record: dict) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(json_text(record) + "\n")   # valid JSON: a NaN loss -> null
+        except OSError as e:
+            raise ChxError(f"cannot write {self.metrics}: {e.strerror or e}; {self.last} holds the last saved "
+                           f"state: make the file writable (or free space) and continue with --resume") from None
         if self.tensorboard is not None:
             self.tensorboard.log(record)
 
@@ -176,7 +187,7 @@ class RunFolder:
         from chx.atomic import atomic_path
 
         with atomic_path(self.out / "config.json") as tmp:
-            tmp.write_text(json.dumps(config, indent=2, default=str))
+            tmp.write_text(json_text(config, indent=2, default=str))
 
 
 class TrainState:
@@ -260,6 +271,7 @@ def _check_resume(ckpt: dict, meta: dict, cfg: TrainConfig, path: Path) -> None:
     if changed:
         raise ChxError(f"--resume: option(s) differ from the run in {path.parent}: {'; '.join(changed)}; "
                        f"resume with the run's own options (see its config.json) or start a new --out")
+    require_same_inputs(ckpt, meta, str(path.parent))
 
 
 def train_step(state: TrainState, train_model: nn.Module, batches, batch_loss, cfg: TrainConfig,
@@ -307,11 +319,14 @@ class _Progress:
         self.total, self.start_step, self.every = total, initial, every
         self.items_per_step, self.desc = items_per_step, desc
         self.t0 = self.last = time.time()
+        self.loss: float | None = None   # the last logged loss: every line shows it (logged every --log-every)
 
     def update(self, step: int, steps_per_epoch: int, loss: float | None) -> None:
         self.bar.update(1)
         if loss is not None:
+            self.loss = loss
             self.bar.set_postfix(loss=f"{loss:.4f}")
+        loss = self.loss
         now = time.time()
         if self.lines and (now - self.last >= self.every or step == self.total):
             self.last = now
@@ -383,6 +398,22 @@ def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, m
         ckpt = load_checkpoint(run.last, kind=meta["kind"])
         _check_resume(ckpt, meta, cfg, run.last)
         state.load_state_dict(ckpt, ddp.rank, ddp.world_size, device)
+        if state.best is not None and not run.best.exists():
+            # a run stopped while writing best.pt (disk full) by an older chx, or best.pt deleted
+            if ddp.is_main:
+                warn(f"warning: --resume: {run.best} is missing though {run.last} records a best score of "
+                     f"{state.best:.4f}; the next validation writes a new best.pt (the best since now)")
+            state.best = None
+        elif state.best is not None and run.best.exists() and \
+                run.best.stat().st_mtime_ns > run.last.stat().st_mtime_ns:
+            # stopped between the two saves (best.pt is written first): best.pt holds a better
+            # score than last.pt records; keep it, so the replayed steps do not replace it by a worse one
+            try:
+                score = (load_checkpoint(run.best, kind=meta["kind"]).get("metrics") or {}).get("mAP")
+            except ChxError:
+                score = None
+            if isinstance(score, (int, float)) and math.isfinite(score) and score > state.best:
+                state.best = float(score)
     else:  # dropout RNG; a resumed run restores it from the checkpoint instead
         torch.manual_seed(cfg.seed + 1_000_003 * ddp.rank)
     train_model = (nn.parallel.DistributedDataParallel(
@@ -416,9 +447,10 @@ def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, m
                          **metrics, "best": improved})
             else:
                 improved = True
-            save(run.last, metrics, full=True)
+            # best.pt first: last.pt (which --resume reads) never records a best that is not on disk
             if improved:
                 save(run.best, metrics, full=False)
+            save(run.last, metrics, full=True)
         ddp.barrier()
         return metrics
 
@@ -430,17 +462,18 @@ def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, m
     started = time.time()
     progress = _Progress(total_steps, state.step, f"train {meta['kind']}", cfg.progress_every,
                          cfg.batch_size * cfg.grad_accum * ddp.world_size, enabled=ddp.is_main)
-    with _StopFlag() as stop, contextlib.closing(progress):   # the bar is cleared before any error
+    # the bar is cleared before any error; the loader's workers end on every exit path
+    with _StopFlag() as stop, contextlib.closing(progress), _Batches() as loaders:
         batches, epoch = None, None
         while state.step < last_step:
             if state.step // steps_per_epoch != epoch:          # a new epoch: a new loader
                 epoch, k = divmod(state.step, steps_per_epoch)
                 sampler.set_epoch(epoch, start=k * cfg.grad_accum * cfg.batch_size)
-                batches = iter(DataLoader(
+                batches = loaders.next_epoch(DataLoader(
                     train_set, batch_size=cfg.batch_size, sampler=sampler,
                     num_workers=0 if held else cfg.workers, drop_last=True, collate_fn=collate_fn,
                     pin_memory=device.type == "cuda" and not held,
-                    worker_init_fn=_ignore_stop_signals,
+                    worker_init_fn=workers.worker_init,
                     # own generator: creating a loader must not draw from the global RNG, or a
                     # resumed run's dropout would diverge
                     generator=torch.Generator().manual_seed(cfg.seed + epoch)))
@@ -477,8 +510,21 @@ def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, m
     return FitResult(run.out, state.step, state.best, last_metrics=last_metrics)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGINT/SIGTERM: a signal sent to the whole process group (Ctrl-C,
-    `timeout`, a job scheduler) reaches the main process, which saves last.pt and stops them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class _Batches:
+    """The training loop's current epoch iterator; the previous epoch's and, when the loop ends in
+    any way, the current one's workers are ended (see :mod:`chx.workers`)."""
+
+    def __init__(self):
+        self.current = None
+
+    def next_epoch(self, loader):
+        workers.close(self.current)
+        self.current = iter(loader)
+        return self.current
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        workers.close(self.current)
+        self.current = None

@@ -1,4 +1,4 @@
-"""Stage-1 model: a timm backbone (ConvNeXt by default) with an ML-Decoder head.
+"""Stage-1 model: a timm backbone (ConvNeXt by default) with a head by name (ML-Decoder by default).
 
 Everything timm-specific lives here: the rest of chx only sees ``forward_features`` (the last-stage
 feature map), ``forward_head`` and a plain ``config`` dict that rebuilds the model.
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from chx.errors import ChxError
+from chx.models.heads import DEFAULT_HEAD, CSRAHead, LinearHead, check_head
 from chx.models.ml_decoder import MLDecoder
 from chx.options import DEFAULT_BACKBONE
 
@@ -139,7 +140,11 @@ def create_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = False,
 
 
 class ImageClassifier(nn.Module):
-    """Single-image classifier: timm backbone -> last-stage map [B, C, h, w] -> ML-Decoder -> [B, K].
+    """Single-image classifier: timm backbone -> last-stage map [B, C, h, w] -> head -> [B, K].
+
+    ``head`` (:mod:`chx.models.heads`): "ml-decoder" (default), "csra" (with ``csra_heads``,
+    ``csra_lambda``, ``csra_temperature``) or "linear". A config without ``head`` is ML-Decoder: the
+    ML-Decoder config has no such key, as before heads had names.
 
     ``config`` holds the architecture only (no ``pretrained`` / ``weights``: those initialise, the
     state dict replaces them), so a checkpoint ``{config, state_dict}`` rebuilds with
@@ -149,11 +154,25 @@ class ImageClassifier(nn.Module):
 
     def __init__(self, backbone_name: str, num_classes: int, pretrained: bool = False,
                  weights: str | Path | None = None, in_chans: int = 1, decoder_dim: int = 768,
-                 heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1, query_norm: bool = True):
+                 heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.1, query_norm: bool = True,
+                 head: str = DEFAULT_HEAD, csra_heads: int = 1, csra_lambda: float = 0.1,
+                 csra_temperature: float = 1.0):
         super().__init__()
-        self.config = dict(backbone_name=backbone_name, num_classes=num_classes, in_chans=in_chans,
-                           decoder_dim=decoder_dim, heads=heads, ffn_dim=ffn_dim, dropout=dropout,
-                           query_norm=query_norm)
+        check_head(head, csra_heads, csra_lambda, csra_temperature)
+        if head == "ml-decoder":
+            # no "head" key: the config of every model made before heads had names, unchanged
+            # (old runs resume, old checkpoints rebuild); from_config reads a missing key as this
+            self.config = dict(backbone_name=backbone_name, num_classes=num_classes, in_chans=in_chans,
+                               decoder_dim=decoder_dim, heads=heads, ffn_dim=ffn_dim, dropout=dropout,
+                               query_norm=query_norm)
+        elif head == "csra":
+            self.config = dict(backbone_name=backbone_name, num_classes=num_classes, in_chans=in_chans,
+                               head=head, csra_heads=csra_heads, csra_lambda=float(csra_lambda),
+                               csra_temperature=float(csra_temperature))
+        else:
+            self.config = dict(backbone_name=backbone_name, num_classes=num_classes, in_chans=in_chans,
+                               head=head)
+        self.head_name = head
         self.backbone = create_backbone(backbone_name, pretrained=pretrained, weights=weights,
                                         in_chans=in_chans)
         # timm's own head (e.g. ConvNeXt's head.norm) is not used by forward_features: freeze it,
@@ -163,8 +182,14 @@ class ImageClassifier(nn.Module):
             own_head.requires_grad_(False)
         self.feature_dim: int = int(self.backbone.num_features)
         self.feature_stride: int = self._stride()
-        self.head = MLDecoder(self.feature_dim, num_classes, dim=decoder_dim, heads=heads,
-                              ffn_dim=ffn_dim, dropout=dropout, pos_enc=True, query_norm=query_norm)
+        if head == "csra":
+            self.head = CSRAHead(self.feature_dim, num_classes, heads=csra_heads, lam=csra_lambda,
+                                 temperature=csra_temperature)
+        elif head == "linear":
+            self.head = LinearHead(self.feature_dim, num_classes)
+        else:
+            self.head = MLDecoder(self.feature_dim, num_classes, dim=decoder_dim, heads=heads,
+                                  ffn_dim=ffn_dim, dropout=dropout, pos_enc=True, query_norm=query_norm)
 
     def _stride(self) -> int:
         info = getattr(self.backbone, "feature_info", None)
@@ -194,8 +219,9 @@ class ImageClassifier(nn.Module):
         return self.backbone.forward_features(x)
 
     def forward_head(self, fmap: torch.Tensor, return_attention: bool = False):
-        """[B, C, h, w] -> logits [B, K]; with ``return_attention`` also the head's cross-attention
-        [B, K, h*w] (row-major over the map, averaged over heads)."""
+        """[B, C, h, w] -> logits [B, K]; with ``return_attention`` also the head's attention
+        [B, K, h*w] (row-major over the map; ML-Decoder: cross-attention averaged over heads; CSRA:
+        its attention pooling weights; a linear head has none and refuses with a ChxError)."""
         return self.head(fmap, return_attention=return_attention)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):

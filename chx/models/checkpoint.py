@@ -9,6 +9,7 @@ with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import zipfile
@@ -30,7 +31,10 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     with atomic_path(path, fsync=True) as tmp:
         with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **obj}, f)
+            try:
+                torch.save({"format": FORMAT, **obj}, f)
+            except RuntimeError as e:   # torch's zip writer reports a failed write (disk full) so
+                raise OSError(errno.EIO, f"write failed ({e})") from None   # atomic_path: one line
     return path
 
 

@@ -111,6 +111,7 @@ def convert_reference_checkpoint(path: str | Path, kind: str, class_names: list[
         config, mapped, dropped = _fusion(path, state, len(class_names))
         model = FusionModel.from_config(config)
     state_dict = _complete(path, model, mapped, kind)
+    _require_finite(path, state_dict)
     out = {"kind": kind, "model_config": config, "state_dict": state_dict, "class_names": class_names,
            "imported_from": {"path": str(path), "code": "dongkyunk/CheXFusion",
                              "dropped": {k: _DROPPED[k] for k in sorted(dropped)}}}
@@ -273,6 +274,16 @@ def _complete(path: Path, model: nn.Module, mapped: dict, kind: str) -> dict:
     if wrong:
         raise ChxError(f"{path}: tensor shapes do not fit chx's model: {_names(wrong)}")
     return {k: mapped[k].detach().to(own[k].dtype).clone() for k in own}
+
+
+def _require_finite(path: Path, state_dict: dict) -> None:
+    """Refuse weights with NaN or infinity (a diverged run, a damaged file): the model would
+    predict NaN, and every report made from it would hold NaN."""
+    bad = [k for k, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ChxError(f"{path}: weight(s) {_names(bad)} hold non-finite values (NaN or inf) after conversion; "
+                       f"the reference run diverged or the file is damaged: import a checkpoint of a run "
+                       f"that stayed finite")
 
 
 def _fold_stem(path: Path, model: ImageClassifier, mapped: dict) -> dict:

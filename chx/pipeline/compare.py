@@ -6,6 +6,10 @@ studies from the store (with hflip TTA when the store holds flipped maps, as `ch
 `chx predict` do). Every method is scored on the studies it can score (frontal-only and
 lateral-only skip studies without such a view), and fusion is also scored on those same subsets,
 so each comparison is like for like.
+
+Every row has its bootstrap 95 % mAP interval over its studies, its class-prior baseline and its
+marks (:func:`chx.metrics.uncertainty`); every stage-1 row also has the paired bootstrap interval of
+fusion minus that aggregation on the same studies and resamples (``fusion_minus``).
 """
 
 from __future__ import annotations
@@ -21,16 +25,23 @@ from chx.data.transforms import Preprocess
 from chx.engine.compat import check_fusion_store, require_same_classes
 from chx.engine.inference import load_backbone, predict_images, store_study_probs
 from chx.errors import ChxError
-from chx.metrics import summarize
+from chx.metrics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, DEFAULT_GROUPS, FEW_POSITIVES, difference_interval,
+                         paired_bootstrap, summarize)
 from chx.models import load_checkpoint, load_model
 from chx.pipeline.aggregate import METHODS, aggregate_by_study
-from chx.pipeline.report import fmt
+from chx.pipeline.report import fmt, fmt_ci
 
 
 def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, store: str,
                     split: str = "val", *, workers: int = 2, batch_size: int = 16,
-                    groups="thirds") -> dict[str, dict]:
-    """Return {method: metrics summary (+ ``n_studies``)} for the stage-1 aggregations and fusion."""
+                    groups=DEFAULT_GROUPS, bootstrap: int = BOOTSTRAP_RESAMPLES,
+                    class_sets: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """Return {method: metrics summary (+ ``n_studies``)} for the stage-1 aggregations and fusion.
+
+    With ``bootstrap`` resamples of the studies (0: no intervals) each summary has
+    :func:`chx.metrics.uncertainty`'s keys, and each stage-1 row ``fusion_minus``: {"row": the fusion
+    row on the same studies, "mAP_diff": its mAP minus this row's, "mAP_diff_ci": the paired interval,
+    "sets": the same per named subset of ``class_sets`` (over its classes scored on these studies)}."""
     model, bckpt = load_backbone(backbone)
     fckpt = load_checkpoint(fusion, kind="fusion")
     df = read_manifest(manifest).filter(pl.col("split") == split)
@@ -62,21 +73,58 @@ def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, 
             continue
         ids = [i for i, _ in ids_scores]
         labels = np.stack([labels_by_id[i] for i in ids])
-        stage1 = summarize(np.stack([s for _, s in ids_scores]), labels, classes, train_counts, groups, prevalence)
-        fused = summarize(fprobs[[fusion_by_id[i] for i in ids]], labels, classes, train_counts, groups, prevalence)
-        results[f"stage-1 {method}"] = {**stage1, "n_studies": len(ids)}
-        fused_results[f"fusion (on {method} studies)" if method in ("frontal", "lateral") else "fusion"] = \
-            {**fused, "n_studies": len(ids)}
+        s1, fs = np.stack([s for _, s in ids_scores]), fprobs[[fusion_by_id[i] for i in ids]]
+        pair = paired_bootstrap(fs, s1, labels, bootstrap, BOOTSTRAP_SEED)   # both on the same resamples
+        stage1 = summarize(s1, labels, classes, train_counts, groups, prevalence, bootstrap=bootstrap,
+                           samples=pair["samples"][1])
+        fused = summarize(fs, labels, classes, train_counts, groups, prevalence, bootstrap=bootstrap,
+                          samples=pair["samples"][0])
+        fusion_row = f"fusion (on {method} studies)" if method in ("frontal", "lateral") else "fusion"
+        sets = {}
+        for set_name, members in (class_sets or {}).items():
+            idx = [classes.index(c) for c in members if not np.isnan(stage1["per_class"][c]["ap"])]
+            sets[set_name] = {"mAP_diff": float(np.mean([fused["per_class"][classes[i]]["ap"] for i in idx])
+                                                - np.mean([stage1["per_class"][classes[i]]["ap"] for i in idx]))
+                              if idx else float("nan"),
+                              "mAP_diff_ci": difference_interval(pair["samples"], idx)
+                              if idx and bootstrap > 0 else None}
+        results[f"stage-1 {method}"] = {**stage1, "n_studies": len(ids), "unit": "studies",
+                                        "fusion_minus": {"row": fusion_row, "mAP_diff": pair["diff"],
+                                                         "mAP_diff_ci": pair["ci"], "sets": sets}}
+        fused_results[fusion_row] = {**fused, "n_studies": len(ids), "unit": "studies"}
     return {**results, **fused_results}
 
 
+MARK_SYMBOLS = {"interval includes the baseline": "≈ baseline", "few positives": "few positives"}
+
+
+def _marks(r: dict) -> str:
+    return ", ".join(next((v for k, v in MARK_SYMBOLS.items() if f.startswith(k)), f)
+                     for f in r.get("flags") or []) or ""
+
+
 def format_table(results: dict[str, dict], title: str = "") -> str:
-    """A Markdown table of mAP / mAUC / head-medium-tail mAP per method."""
+    """A Markdown table per method: mAP with its 95 % interval, the class-prior baseline, mAUC,
+    head-medium-tail mAP, fusion minus the method (paired interval) and the row's marks; then a line
+    saying how the intervals were computed and what the marks mean."""
     lines = [title] if title else []
-    lines += ["| method | studies | mAP | mAUC | mAP head | mAP medium | mAP tail |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| method | studies | mAP | 95 % CI | baseline | mAUC | mAP head | mAP medium | mAP tail "
+              "| fusion − method [95 % CI] | marks |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['n_studies']} | {fmt(r['mAP'])} | {fmt(r['mAUC'])} | "
-                     f"{fmt(r.get('mAP_head'))} | {fmt(r.get('mAP_medium'))} | {fmt(r.get('mAP_tail'))} |")
+        d = r.get("fusion_minus")
+        diff = (f"{d['mAP_diff']:+.3f} {fmt_ci(d['mAP_diff_ci'])}" if d and d.get("mAP_diff_ci") is not None
+                else f"{d['mAP_diff']:+.3f}" if d else "")
+        lines.append(f"| {name} | {r['n_studies']} | {fmt(r['mAP'])} | {fmt_ci(r.get('mAP_ci'))} | "
+                     f"{fmt(r.get('mAP_baseline'))} | {fmt(r['mAUC'])} | "
+                     f"{fmt(r.get('mAP_head'))} | {fmt(r.get('mAP_medium'))} | {fmt(r.get('mAP_tail'))} | "
+                     f"{diff} | {_marks(r)} |")
+    boot = next((r.get("bootstrap") for r in results.values() if r.get("bootstrap")), None) or {}
+    how = (f"95 % intervals: bootstrap over each row's studies ({boot['resamples']} resamples, seed "
+           f"{boot.get('seed', 0)}; fusion − method is paired: both scored on the same resampled studies)"
+           if boot.get("resamples") else "no intervals (--bootstrap 0)")
+    lines += ["", f"{how}. baseline: the class-prior mAP of the row's studies (an uninformative ranking "
+                  f"scores each class's prevalence). Marks: ≈ baseline (the interval reaches the baseline), "
+                  f"few positives (the median class scored has fewer than {FEW_POSITIVES} positive studies)."]
     return "\n".join(lines)
 

@@ -6,7 +6,8 @@ a backbone checkpoint per image from a manifest and its images (hflip TTA as tra
 checkpoint (`chx train-joint`) per study from a manifest and its images, as it validated (deterministic
 views, flip TTA when it validated with it; ``views`` as for fusion). F1 uses
 per-class thresholds tuned for max F1 on ``thresholds_from`` (default: the validation split), or
-0.5 when there is none.
+0.5 when there is none. mAP intervals: a bootstrap over the evaluated rows (studies, or images for
+a backbone) with ``bootstrap`` resamples (:func:`chx.metrics.uncertainty`; 0: none).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from chx.atomic import output_lock
 from chx.data.datasets import ImageDataset, label_matrix
 from chx.data.manifest import class_columns, read_manifest
 from chx.data.study_images import StudyImageDataset
@@ -24,9 +26,9 @@ from chx.engine.compat import check_fusion_store, require_same_classes
 from chx.engine.inference import load_backbone, predict_images, store_study_probs
 from chx.engine.joint import predict_study_images
 from chx.errors import ChxError
-from chx.metrics import evaluate_scores, tune_thresholds
+from chx.metrics import BOOTSTRAP_RESAMPLES, DEFAULT_GROUPS, evaluate_scores, tune_thresholds
 from chx.models import load_checkpoint, load_model
-from chx.pipeline.report import write_report
+from chx.pipeline.report import check_report_folder, write_report
 
 
 def _fusion_scores(ckpt: dict, store: str, split: str, views: str, batch_size: int):
@@ -63,10 +65,20 @@ def _joint_scores(ckpt: dict, df: pl.DataFrame, images: Path, split: str, views:
     return scores, ds.labels, ds.study_ids
 
 
-def evaluate(checkpoint: Path, out: Path, *, store: str | None = None, manifest: Path | None = None,
+def evaluate(checkpoint: Path, out: Path, *, overwrite: bool = False, **options) -> dict:
+    """Evaluate ``checkpoint`` into the report folder ``out`` (options: those of :func:`_evaluate`).
+    The folder is checked first (the overwrite rule: :func:`chx.pipeline.report.check_report_folder`)
+    and locked while the evaluation runs, so two evaluations into one folder do not race."""
+    check_report_folder(Path(out), overwrite)
+    with output_lock(out, "report"):
+        return _evaluate(checkpoint, out, overwrite=overwrite, **options)
+
+
+def _evaluate(checkpoint: Path, out: Path, *, store: str | None = None, manifest: Path | None = None,
              images: Path | None = None, split: str = "test", thresholds_from: str | None = "val",
-             groups: str = "thirds", views: str = "all", batch_size: int = 16, workers: int = 2,
-             overwrite: bool = False, absent_classes: str = "skip") -> dict:
+             groups: str = DEFAULT_GROUPS, views: str = "all", batch_size: int = 16, workers: int = 2,
+             overwrite: bool = False, absent_classes: str = "skip",
+             bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict:
     ckpt = load_checkpoint(checkpoint)
     kind = ckpt.get("kind")
     classes = list(ckpt["class_names"])
@@ -110,7 +122,7 @@ def evaluate(checkpoint: Path, out: Path, *, store: str | None = None, manifest:
     train_counts = np.asarray(ckpt["train_counts"]) if ckpt.get("train_counts") else None
     prevalence = np.asarray(ckpt["class_prior"]) if ckpt.get("class_prior") else None
     result = evaluate_scores(scores, labels, classes, train_counts=train_counts, thresholds=thresholds,
-                             groups=groups, prevalence=prevalence, absent=absent_classes)
+                             groups=groups, prevalence=prevalence, absent=absent_classes, bootstrap=bootstrap)
     result["meta"] = {"checkpoint": str(checkpoint), "kind": kind, "split": split, "views": views,
                       "thresholds_from": tuned_on or "0.5 (no tuning split)",
                       "data": str(store if kind == "fusion" else manifest)}

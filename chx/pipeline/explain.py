@@ -11,7 +11,7 @@ pixels) and a static ``index.html`` gallery that works offline. The maps come fr
 from __future__ import annotations
 
 import html
-import json
+import os
 import re
 from pathlib import Path
 
@@ -19,8 +19,8 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw, ImageFont
 
-from chx.atomic import atomic_dir
-from chx.data.manifest import read_manifest
+from chx.atomic import atomic_dir, json_text, output_lock
+from chx.data.manifest import portable_path
 from chx.engine.explain import Explanation, FusionExplainer, ImageExplainer
 from chx.errors import ChxError
 
@@ -33,20 +33,9 @@ LABEL_W, HEADER_H, CAPTION_H, PAD = 170, 40, 20, 6
 HEAT_ALPHA = 0.6        # opacity of the colour at a row's highest value (0 at its lowest)
 
 
-def select_studies(inputs: pl.DataFrame, manifest: Path | None = None, split: str | None = None,
-                   limit: int | None = None) -> pl.DataFrame:
-    """``inputs`` (rows of ``collect_inputs``) restricted to the images of ``manifest``'s ``split``,
-    then to the first ``limit`` studies (in input order)."""
-    if split is not None:
-        if manifest is None:
-            raise ChxError("--split needs --manifest (the split is a column of the manifest)")
-        df = read_manifest(manifest, require_labels=False)
-        ids = df.filter(pl.col("split") == split)["image_id"]
-        if ids.is_empty():
-            have = sorted(s for s in df["split"].unique().to_list() if s is not None)
-            raise ChxError(f"{manifest} has no image in split {split!r} (its splits: "
-                           f"{', '.join(have) or 'none'}); choose another --split")
-        inputs = inputs.filter(pl.col("image_id").is_in(ids.implode()))
+def select_studies(inputs: pl.DataFrame, limit: int | None = None) -> pl.DataFrame:
+    """``inputs`` (rows of ``collect_inputs``, which selects a manifest's split) restricted to the
+    first ``limit`` studies (in input order)."""
     if limit is not None:
         keep = inputs["study_id"].unique(maintain_order=True).head(limit)
         inputs = inputs.filter(pl.col("study_id").is_in(keep.implode()))
@@ -65,16 +54,21 @@ def class_indices(class_names: list[str], classes: list[str] | None) -> list[int
 
 
 def explain(explainer, inputs: pl.DataFrame, out: Path, top_k: int = 4,
-            classes: list[str] | None = None) -> dict:
+            classes: list[str] | None = None, *, option: str = "-o", images: Path | None = None) -> dict:
     """Explain every study of ``inputs`` (rows of ``collect_inputs``) into the folder ``out``:
-    ``<study>.png``, ``explain.json`` and ``index.html``. Returns explain.json's content."""
+    ``<study>.png``, ``explain.json`` and ``index.html``. Returns explain.json's content. ``out`` is
+    locked while it is written and replaces only an explanation folder chx wrote (``option``: the
+    option that named it, for messages). explain.json names each view's file relative to ``images``
+    (a manifest's images root), else to the folder holding ``out``, else to the inputs' common
+    folder: never an absolute path."""
     from tqdm.auto import tqdm
 
     if top_k < 1:
         raise ChxError(f"--top-k {top_k}: must be >= 1")
     chosen = class_indices(explainer.class_names, classes)
     studies, used = [], set()
-    with atomic_dir(out, what="the explanation folder") as tmp:
+    common = os.path.commonpath([str(Path(f).resolve().parent) for f in inputs["file"]]) if inputs.height else None
+    with output_lock(out, "explain", option=option), atomic_dir(out, "explain", option=option) as tmp:
         for (study,), group in tqdm(inputs.group_by("study_id", maintain_order=True), desc="explain",
                                     unit="study", leave=False, disable=None):
             expl = explainer.explain_study(study, [Path(f) for f in group["file"]], group["view"].to_list(),
@@ -82,10 +76,13 @@ def explain(explainer, inputs: pl.DataFrame, out: Path, top_k: int = 4,
             rows = chosen or [int(k) for k in np.argsort(-expl.probs, kind="stable")[:top_k]]
             name = _figure_name(str(study), used)
             render_figure(expl, rows).save(tmp / name, compress_level=1)
-            studies.append(study_record(expl, rows, name))
+            record = study_record(expl, rows, name)
+            for view in record["views"]:
+                view["file"] = portable_path(view["file"], images, Path(out).parent, common)
+            studies.append(record)
         doc = {"model": explainer.model, "method": explainer.method,
                "classes": list(explainer.class_names), "studies": studies}
-        (tmp / "explain.json").write_text(json.dumps(doc, indent=1))
+        (tmp / "explain.json").write_text(json_text(doc, indent=1))   # valid JSON: NaN -> null
         (tmp / "index.html").write_text(index_html(doc))
     return doc
 

@@ -10,12 +10,17 @@ and for other tools, in one of three formats:
     onnx     a folder with backbone.onnx and fusion.onnx (:mod:`chx.engine.onnx_runtime`) and the
              same config.json, for ONNX Runtime; checked against torch before it is written.
 
-Every format is written whole or not at all (a temp name, then a rename).
+Every format is written whole or not at all (a temp name, then a rename); a full disk is one line.
+Every format carries the sha256 of its class list, preprocessing, features and architecture, and an
+export id over them and the weights, in its weights (:func:`chx.engine.predictor.integrity_record`);
+every loader checks them. Duplicate class names and non-finite weights are not exported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from datetime import date
 from pathlib import Path
 
@@ -25,13 +30,15 @@ import torch
 import chx
 from chx.atomic import atomic_dir
 from chx.config import OptionSpec, command_line
-from chx.data.manifest import file_sha256, read_manifest, summarize
+from chx.data.manifest import file_sha256, portable_path, read_manifest, summarize
 from chx.data.transforms import Preprocess
 from chx.data.views import VIEWS
-from chx.engine.predictor import (FOLDER_CONFIG, FOLDER_WEIGHTS, Predictor, folder_config, folder_tensors,
-                                  joint_bundle, make_bundle)
+from chx.engine.predictor import (FOLDER_CONFIG, FOLDER_WEIGHTS, INTEGRITY_KEY, Predictor, bundle_spec,
+                                  folder_config, folder_tensors, integrity_record, joint_bundle, make_bundle,
+                                  require_finite_weights)
 from chx.errors import ChxError
 from chx.models import load_checkpoint, load_model, save_checkpoint
+from chx.pipeline.report import md_cell
 
 FORMATS = ("bundle", "hf", "onnx")
 # The largest difference of probabilities between the ONNX graphs and torch that an export accepts.
@@ -43,14 +50,41 @@ def bundle_of(backbone: Path | None, fusion: Path | None, joint: Path | None = N
     if [backbone is not None, fusion is not None, joint is not None] not in ([True, True, False],
                                                                             [False, False, True]):
         raise ChxError("give both --backbone and --fusion, or --joint (a train-joint checkpoint) alone")
-    return joint_bundle(joint) if joint is not None else make_bundle(backbone, fusion)
+    bundle = joint_bundle(joint) if joint is not None else make_bundle(backbone, fusion)
+    source = str(joint or fusion)
+    bundle_spec(bundle, source)              # distinct class names, valid preprocessing, class counts
+    require_finite_weights(bundle, source)
+    bundle["integrity"] = integrity_record(bundle)   # checked by every loader (chx.engine.predictor)
+    return bundle
+
+
+@contextlib.contextmanager
+def _writing(out: Path, torch_writer: bool = False):
+    """A failed write of the export (a full disk, permissions) as one line; the atomic helpers
+    have removed what was half-written. ``torch_writer``: torch.save reports a full disk as a
+    RuntimeError of its zip writer."""
+    try:
+        yield
+    except OSError as e:
+        raise ChxError(f"could not write {out}: {e.strerror or e}; nothing was written (free some space or "
+                       f"choose another output)") from None
+    except RuntimeError as e:
+        if not torch_writer:
+            raise
+        try:
+            free = f"{shutil.disk_usage(out.parent).free / 2**20:,.1f} MiB free there"
+        except OSError:
+            free = "its folder cannot be read"
+        raise ChxError(f"could not write {out} ({free}: is the disk full? {str(e).splitlines()[0][:120]}); "
+                       f"nothing was written (free some space or choose another output)") from None
 
 
 def export_bundle(backbone: Path | None, fusion: Path | None, out: Path, joint: Path | None = None) -> dict:
     """Bundle a stage-1 and a fusion checkpoint, or a train-joint checkpoint (which holds both),
     into one file for `chx predict`."""
     bundle = bundle_of(backbone, fusion, joint)
-    save_checkpoint(bundle, out)
+    with _writing(out, torch_writer=True):
+        save_checkpoint(bundle, out)
     return bundle
 
 
@@ -61,10 +95,12 @@ def export_hf(backbone: Path | None, fusion: Path | None, out: Path, specs: dict
     from safetensors.torch import save
 
     bundle = bundle_of(backbone, fusion, joint)
-    with atomic_dir(out, what="the export folder") as tmp:
-        # bytes, then a plain write: the file gets the umask's permissions like every other output
-        (tmp / FOLDER_WEIGHTS).write_bytes(save(folder_tensors(bundle), metadata={"format": "pt"}))
-        (tmp / FOLDER_CONFIG).write_text(json.dumps(folder_config(bundle), indent=2) + "\n")
+    with _writing(out), atomic_dir(out, "export-hf") as tmp:
+        # bytes, then a plain write: the file gets the umask's permissions like every other output;
+        # the integrity record (sha256 of the spec in config.json, export id) rides in the weights
+        metadata = {"format": "pt", INTEGRITY_KEY: json.dumps(bundle["integrity"])}
+        (tmp / FOLDER_WEIGHTS).write_bytes(save(folder_tensors(bundle), metadata=metadata))
+        (tmp / FOLDER_CONFIG).write_text(_config_text(folder_config(bundle)))
         (tmp / "README.md").write_text(model_card(bundle, out, specs))
     return bundle
 
@@ -79,10 +115,11 @@ def export_onnx(backbone: Path | None, fusion: Path | None, out: Path, joint: Pa
     source = str(joint or fusion)
     models = {part: load_model({**bundle[part], "source": source}, kind=part) for part in ("backbone", "fusion")}
     pre = Preprocess.from_dict(bundle["backbone"]["preprocess"])
-    with atomic_dir(out, what="the ONNX folder") as tmp:
-        export_graphs(models["backbone"], models["fusion"], bundle["features"]["pool"], pre.size, tmp)
+    with _writing(out), atomic_dir(out, "export-onnx") as tmp:
+        export_graphs(models["backbone"], models["fusion"], bundle["features"]["pool"], pre.size, tmp,
+                      metadata={INTEGRITY_KEY: json.dumps(bundle["integrity"])})
         config = {**folder_config(bundle), "onnx": GRAPHS}
-        (tmp / FOLDER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / FOLDER_CONFIG).write_text(_config_text(config))
         torch_predictor = Predictor(models["backbone"], models["fusion"], pre, bundle["features"]["pool"],
                                     bundle["features"]["flip_tta"], list(bundle["class_names"]),
                                     torch.device("cpu"))
@@ -91,6 +128,15 @@ def export_onnx(backbone: Path | None, fusion: Path | None, out: Path, joint: Pa
             raise ChxError(f"the exported ONNX graphs give probabilities up to {diff:.2g} away from torch's "
                            f"(more than {ONNX_TOLERANCE:g}); nothing was written: use --format hf or bundle")
     return {"bundle": bundle, "max_abs_diff": diff}
+
+
+def _config_text(config: dict) -> str:
+    """config.json: valid JSON; a non-finite number in the models' settings means broken checkpoints."""
+    try:
+        return json.dumps(config, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise ChxError("the models' settings (preprocessing, features) hold a non-finite number (NaN or "
+                       "infinity): the checkpoints are damaged; nothing was written") from None
 
 
 def _max_difference(torch_predictor, onnx_predictor, folder: Path) -> float:
@@ -121,7 +167,14 @@ def _runs(bundle: dict) -> list[tuple[str, Path, dict]]:
     return [(kind, Path(path), load_checkpoint(path, kind=kind)) for kind, path in bundle["sources"].items()]
 
 
-def _val_record(ckpt_path: Path, ckpt: dict) -> tuple[dict | None, str]:
+def _shown(path, out: Path, keep: int = 1) -> str:
+    """A path as the model card shows it: relative to the folder holding the export folder, never
+    absolute (:func:`~chx.data.manifest.portable_path`; ``keep=2`` for a checkpoint: its run
+    folder and name)."""
+    return portable_path(path, Path(out).parent, keep=keep)
+
+
+def _val_record(ckpt_path: Path, ckpt: dict, out: Path = Path("export")) -> tuple[dict | None, str]:
     """The validation record of the checkpoint's step in its run's metrics.jsonl, and where it came
     from (the checkpoint's own copy when metrics.jsonl is not beside it)."""
     metrics = ckpt_path.parent / "metrics.jsonl"
@@ -129,9 +182,9 @@ def _val_record(ckpt_path: Path, ckpt: dict) -> tuple[dict | None, str]:
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         vals = [r for r in records if r.get("kind") == "val" and r.get("step") == ckpt.get("step")]
         if vals:
-            return vals[-1], f"{metrics} (step {ckpt.get('step')})"
+            return vals[-1], f"{_shown(metrics, out, 2)} (step {ckpt.get('step')})"
     if ckpt.get("metrics"):
-        return ckpt["metrics"], f"{ckpt_path} (its metrics.jsonl was not found)"
+        return ckpt["metrics"], f"{_shown(ckpt_path, out, 2)} (its metrics.jsonl was not found)"
     return None, "no validation (the run had no validation split)"
 
 
@@ -157,6 +210,11 @@ def _manifest_lines(ckpt: dict) -> list[str]:
     return lines or ["- not recorded in the checkpoint"]
 
 
+# The options of train-* that hold paths: the model card shows them without the training machine's
+# folders (:func:`_shown`).
+PATH_OPTIONS = frozenset({"manifests", "manifest", "images", "store", "backbone", "fusion", "weights", "out"})
+
+
 def _commands(runs, out: Path, specs: dict[str, list[OptionSpec]]) -> list[str]:
     """The chx commands that made the model, from what each checkpoint recorded."""
     lines = []
@@ -166,17 +224,21 @@ def _commands(runs, out: Path, specs: dict[str, list[OptionSpec]]) -> list[str]:
         if kind == "fusion" and "backbone" in ckpts:
             fp = ckpt.get("store_fingerprint") or {}
             lines.append("# the store does not record the manifest and images it was extracted from")
+            store = (ckpt.get("options") or {}).get("store")
             lines.append(command_line("extract-features", {
-                "checkpoint": str(ckpts["backbone"][0]), "manifest": "MANIFEST", "images": "IMAGES",
-                "store": (ckpt.get("options") or {}).get("store"), "pool": fp.get("pool"),
+                "checkpoint": _shown(ckpts["backbone"][0], out, 2), "manifest": "MANIFEST", "images": "IMAGES",
+                "store": store and _shown(store, out), "pool": fp.get("pool"),
                 "flip": fp.get("flip"), "dtype": fp.get("dtype")}, specs["extract-features"]))
         if "train_config" not in ckpt:   # e.g. converted by `chx import-reference`: no chx run made it
-            lines.append(f"# {path}: not trained by chx (no options recorded)")
+            lines.append(f"# {_shown(path, out, 2)}: not trained by chx (no options recorded)")
             continue
         values = {**ckpt["train_config"], **(ckpt.get("options") or {}), "out": str(path.parent)}
+        values = {k: ([_shown(p, out) for p in v] if isinstance(v, list)
+                      else _shown(v, out, 2 if k in ("backbone", "fusion") else 1))
+                  if k in PATH_OPTIONS and v else v for k, v in values.items()}
         lines.append(command_line(train[kind], values, specs[train[kind]]))
-    lines.append(command_line("export", {**{k: str(p) for k, (p, _) in ckpts.items()}, "fmt": "hf",
-                                         "out": str(out)}, specs["export"]))
+    lines.append(command_line("export", {**{k: _shown(p, out, 2) for k, (p, _) in ckpts.items()}, "fmt": "hf",
+                                         "out": out.name}, specs["export"]))
     return lines
 
 
@@ -188,7 +250,7 @@ def model_card(bundle: dict, out: Path, specs: dict[str, list[OptionSpec]]) -> s
     pre = bundle["backbone"]["preprocess"]
     features = bundle["features"]
     fusion_cfg = bundle["fusion"]["model_config"]
-    val, val_source = _val_record(final_path, final)
+    val, val_source = _val_record(final_path, final, out)
     per_class = (val or {}).get("per_class") or (final.get("metrics") or {}).get("per_class") or {}
     counts = final.get("train_counts") or [None] * len(classes)
     backbone_name = bundle["backbone"]["model_config"]["backbone_name"]
@@ -208,16 +270,17 @@ def model_card(bundle: dict, out: Path, specs: dict[str, list[OptionSpec]]) -> s
              "| # | class | training positives | validation positives | AP | AUROC |", "|---|---|---|---|---|---|"]
     for i, c in enumerate(classes):
         pc = per_class.get(c) or {}
-        lines.append(f"| {i} | {c} | {counts[i] if counts[i] is not None else 'n/a'} | "
+        lines.append(f"| {i} | {md_cell(c)} | {counts[i] if counts[i] is not None else 'n/a'} | "
                      f"{pc.get('support', 'n/a')} | {_fmt(pc.get('ap'))} | {_fmt(pc.get('auc'))} |")
 
     lines += ["", "## Training data", ""]
     for kind, path, ckpt in runs:
         if ckpt.get("manifest_sha256"):
-            lines += [f"Manifests of the {kind} run (`{path}`):", "", *_manifest_lines(ckpt), ""]
+            lines += [f"Manifests of the {kind} run (`{_shown(path, out, 2)}`):", "", *_manifest_lines(ckpt), ""]
         if kind == "fusion":
             store = (ckpt.get("options") or {}).get("store")
-            lines += [f"The fusion model was trained from the feature store `{store}` of that backbone.", ""]
+            lines += [f"The fusion model was trained from the feature store `{store and _shown(store, out)}` "
+                      f"of that backbone.", ""]
 
     resize = "aspect ratio kept, padded with black" if pre["mode"] == "letterbox" else "stretched"
     pool = f", average-pooled {features['pool']} x {features['pool']}" if features["pool"] > 1 else ""
@@ -236,7 +299,7 @@ def model_card(bundle: dict, out: Path, specs: dict[str, list[OptionSpec]]) -> s
     lines += ["| run | source | images/studies | mAP | mAUC | mAP head | mAP medium | mAP tail | class-prior mAP |",
               "|---|---|---|---|---|---|---|---|---|"]
     for kind, path, ckpt in runs:
-        record, source = _val_record(path, ckpt)
+        record, source = _val_record(path, ckpt, out)
         r = record or {}
         lines.append(f"| {kind} | {source} | {r.get('n', 'n/a')} | {_fmt(r.get('mAP'))} | {_fmt(r.get('mAUC'))} | "
                      f"{_fmt(r.get('mAP_head'))} | {_fmt(r.get('mAP_medium'))} | {_fmt(r.get('mAP_tail'))} | "

@@ -36,6 +36,7 @@ from chx.errors import ChxError
 from chx.models import eval_weights, weights_hash
 from chx.options import ExtractOptions
 from chx.store import ShardBuffer, backend_class, create_store, local_path, open_store, projected_size
+from chx.workers import batches, worker_init
 
 
 @dataclass
@@ -148,12 +149,13 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
     if len(todo_rows):
         dataset = ImageDataset(todo_df, images, pre, train=False, classes=classes)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                            pin_memory=dev.type == "cuda")
+                            pin_memory=dev.type == "cuda", worker_init_fn=worker_init)
         buffer = ShardBuffer(store, mine)
         t0 = time.perf_counter()
-        with _store_errors(store_path), ThreadPoolExecutor(max_workers=1) as writer, torch.no_grad():
+        with (_store_errors(store_path), ThreadPoolExecutor(max_workers=1) as writer, torch.no_grad(),
+              batches(loader) as it):   # the workers end on any exit (before the writer is joined)
             pending = None
-            for batch in tqdm(loader, desc=f"extract{f' {shard_i}/{shard_n}' if shard_n > 1 else ''}",
+            for batch in tqdm(it, desc=f"extract{f' {shard_i}/{shard_n}' if shard_n > 1 else ''}",
                               unit="batch", leave=False, disable=None):
                 x = batch["image"].to(dev, non_blocking=True)
                 feats = feature_maps(model, x, pool).cpu().numpy()

@@ -23,7 +23,9 @@ def prepare(dataset: str, sources: list[Path], out: Path, *, classes: str | None
     view, in :data:`~chx.data.views.VIEWS` order), ``groups`` (head / medium / tail classes by
     prevalence among the training images, those of split train or unassigned:
     :func:`~chx.data.classes.frequency_groups`) and ``notes`` (lines for the user: rows dropped and
-    why, views that became OTHER, images found under ``images``, a source split replaced).
+    why, views that became OTHER, images found under ``images``, a source split replaced) and
+    ``unannotated`` (the classes no row annotates: always null, so no model can learn them).
+    A Parquet manifest records ``images`` as its images root (:func:`chx.data.manifest.images_root`).
     """
     adapter = get_adapter(dataset)
     target = resolve_classes(classes, default=adapter.default_classes)
@@ -35,8 +37,9 @@ def prepare(dataset: str, sources: list[Path], out: Path, *, classes: str | None
             notes.append("split: --val-fraction/--test-fraction replace the split the source files gave")
         df = assign_splits(df, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     df = validate(df, source=f"prepared {dataset} manifest")
-    write_manifest(df, out)
+    write_manifest(df, out, images_root=images)
     summary = summarize(df)
+    summary["unannotated"] = [c for c, n in summary["annotated"].items() if n == 0]
     counts = dict(df["view"].value_counts().iter_rows())
     summary["views"] = {v: counts[v] for v in VIEWS if v in counts}
     train = summarize(df.filter(pl.col("split").is_null() | (pl.col("split") == "train")))

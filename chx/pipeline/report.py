@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from chx import plots   # imports matplotlib only when a plot is drawn
-from chx.atomic import atomic_dir, atomic_path
+from chx.atomic import atomic_dir, atomic_path, check_output, json_safe  # noqa: F401 (json_safe: re-exported)
 from chx.errors import ChxError
 from chx.metrics import classes_by_frequency
 
@@ -32,21 +32,11 @@ MACRO_ROWS = (("mAP", "mAP"), ("mAUC", "mAUC"), ("mF1", "mF1"), ("mAP head", "mA
 CSV_COLUMNS = ("class", "group", "train_count", "support", "n", "ap", "auc", "f1", "threshold")
 
 
-def json_safe(obj):
-    """Plain JSON values: numpy scalars/arrays -> numbers/lists, NaN and inf -> None, Paths -> str."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+def md_cell(text) -> str:
+    """``text`` safe in a Markdown table cell and in HTML: ``|`` escaped, ``<``, ``>``, ``&`` as
+    entities, line breaks as spaces (class names and paths come from users' files)."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("|", "\\|").replace("\r", " ").replace("\n", " "))
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -76,16 +66,45 @@ def _fmt_metric(key: str, x, result: dict | None = None) -> str:
     return fmt(x, 4 if key == "ece" else 3)
 
 
+def fmt_ci(ci, digits: int = 3) -> str:
+    """An interval cell: "[low, high]", or "n/a" (no interval: bootstrap off, or nothing scored)."""
+    if (not isinstance(ci, (list, tuple)) or len(ci) != 2 or any(_missing(x) for x in ci)
+            or not all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in ci)):
+        return "n/a"
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def uncertainty_note(result: dict) -> str:
+    """One line: how the intervals were computed and the row's marks (see chx.metrics.uncertainty)."""
+    b = result.get("bootstrap") or {}
+    unit = result.get("unit") or "rows"
+    how = (f"95 % intervals: bootstrap over the {fmt(result.get('n'))} {unit} ({b['resamples']} resamples, "
+           f"seed {b.get('seed', 0)}, percentile)" if b.get("resamples") else "no intervals (--bootstrap 0)")
+    base = (f"baseline = the class-prior mAP (an uninformative ranking: mean prevalence of the classes "
+            f"scored) {fmt(result.get('mAP_baseline'))}")
+    marks = result.get("flags") or []
+    return f"{how}; {base}; marks: {', '.join(marks) if marks else 'none'}."
+
+
 def summary_table(result: dict) -> str:
-    """Markdown: the macro table (mAP, mAUC, mF1, mAP head/medium/tail, ECE, n), then one row per
+    """Markdown: the macro table (mAP, mAUC, mF1, mAP head/medium/tail, ECE, n; with a 95 % CI
+    column, the class-prior baseline and the marks when the record has them), then one row per
     class ordered by training frequency (most frequent first)."""
-    lines = ["| metric | value |", "|---|---:|"]
-    lines += [f"| {label} | {_fmt_metric(key, result.get(key), result)} |" for label, key in MACRO_ROWS]
+    if "mAP_ci" in result:
+        lines = ["| metric | value | 95 % CI |", "|---|---:|---:|"]
+        lines += [f"| {label} | {_fmt_metric(key, result.get(key), result)} | "
+                  f"{fmt_ci(result.get(key + '_ci')) if key.startswith('mAP') else ''} |"
+                  for label, key in MACRO_ROWS]
+        lines += [f"| mAP baseline (class prior) | {fmt(result.get('mAP_baseline'))} | |", "",
+                  uncertainty_note(result)]
+    else:
+        lines = ["| metric | value |", "|---|---:|"]
+        lines += [f"| {label} | {_fmt_metric(key, result.get(key), result)} |" for label, key in MACRO_ROWS]
     lines += ["", "| class | group | train | support | n | AP | AUROC | F1 | threshold |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in classes_by_frequency(result):
         r = result["per_class"][c]
-        lines.append(f"| {c} | {r.get('group') or 'n/a'} | {fmt(r.get('train_count'))} | "
+        lines.append(f"| {md_cell(c)} | {r.get('group') or 'n/a'} | {fmt(r.get('train_count'))} | "
                      f"{fmt(r.get('support'))} | {fmt(r.get('n'))} | {fmt(r.get('ap'))} | "
                      f"{fmt(r.get('auc'))} | {fmt(r.get('f1'))} | {fmt(r.get('threshold'))} |")
     return "\n".join(lines) + "\n"
@@ -106,9 +125,15 @@ REPORT_FILES = ("metrics.json", "per_class.csv", "summary.md", "predictions.csv"
 
 
 def is_report_folder(path: Path) -> bool:
-    """A folder chx evaluate wrote (it holds metrics.json and nothing but report files)."""
+    """A report folder chx evaluate wrote before it marked its outputs (it holds metrics.json and
+    nothing but report files); newer ones carry the marker of :func:`chx.atomic.check_output`."""
     names = {p.name for p in path.iterdir()}
     return "metrics.json" in names and names <= set(REPORT_FILES)
+
+
+def check_report_folder(out: Path, overwrite: bool) -> None:
+    """The overwrite rule for a report folder -o (see :func:`chx.atomic.check_output`)."""
+    check_output(out, "report", overwrite, legacy=is_report_folder)
 
 
 def write_report(out_dir: str | os.PathLike, result: dict, *, scores: np.ndarray | None = None,
@@ -125,19 +150,11 @@ def write_report(out_dir: str | os.PathLike, result: dict, *, scores: np.ndarray
 
     The files are written into a temp folder beside ``out_dir``, which then replaces it: an
     interrupted evaluation leaves the previous report whole, never new metrics beside old plots.
-    An existing ``out_dir`` is replaced only when it is empty or a report folder (and
-    ``overwrite``); anything else is refused."""
+    An existing ``out_dir`` is replaced only when it is empty or a report folder chx wrote (and
+    ``overwrite``); anything else is refused (:func:`check_report_folder`)."""
     out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise ChxError(f"report folder {out} is a file; choose another -o")
-        if any(out.iterdir()):
-            if not is_report_folder(out):
-                raise ChxError(f"{out} holds files that chx evaluate did not write; refusing to replace "
-                               f"it: choose another -o")
-            if not overwrite:
-                raise ChxError(f"{out} already holds a report; use --overwrite to replace it or another -o")
-    with atomic_dir(out, what="the report folder") as tmp:
+    check_report_folder(out, overwrite)
+    with atomic_dir(out, "report", legacy=is_report_folder) as tmp:
         paths = _write_report_files(tmp, result, scores, labels, class_names, title, ids, id_name)
     return {k: out / p.name for k, p in paths.items()}
 
@@ -153,13 +170,13 @@ def _write_report_files(out: Path, result, scores, labels, class_names, title, i
         paths["pr_curves"] = plots.plot_pr_curves(scores, labels, class_names, result, out / "pr_curves.png")
         paths["reliability"] = plots.plot_reliability(scores, labels, out / "reliability.png")
 
-    md = [f"# {title}", ""] if title else []
+    md = [f"# {md_cell(title)}", ""] if title else []
     if isinstance(result.get("meta"), dict) and result["meta"]:   # what was evaluated, if the caller says
-        md += [f"- {k}: {v}" for k, v in result["meta"].items()] + [""]
+        md += [f"- {k}: {md_cell(v)}" for k, v in result["meta"].items()] + [""]
     md += [summary_table(result)]
     skipped = result.get("skipped") or []
     md += ["## Skipped classes", "",
-           ("No AP/AUROC (no positive or no negative among annotated rows): " + ", ".join(skipped))
+           ("No AP/AUROC (no positive or no negative among annotated rows): " + ", ".join(map(md_cell, skipped)))
            if skipped else "None: every class has a positive and a negative among its annotated rows.", ""]
     plot_titles = {"ap_per_class": "AP per class", "pr_curves": "Precision-recall, best and worst classes",
                    "reliability": "Reliability"}
@@ -192,7 +209,7 @@ def _read_run(run_dir: Path) -> dict:
     if not isinstance(result, dict) or not isinstance(result.get("per_class"), dict):
         raise ChxError(f"{path} has no per_class metrics; rerun `chx evaluate ... --out {run_dir}`")
     number = lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))  # noqa: E731
-    for label, key in MACRO_ROWS:
+    for label, key in (*MACRO_ROWS, ("mAP baseline", "mAP_baseline")):
         if not number(result.get(key)):
             raise ChxError(f"{path}: {key!r} is {result.get(key)!r}, not a number; the file was edited or "
                            f"damaged: rerun `chx evaluate ... --out {run_dir}`")
@@ -224,20 +241,32 @@ def compare_runs(run_dirs: list[Path]) -> str:
             raise ChxError(f"{d} was evaluated on other classes than {run_dirs[0]} (only in {run_dirs[0]}: "
                            f"{', '.join(only_first) or 'none'}; only in {d}: {', '.join(only_this) or 'none'}); "
                            f"compare runs evaluated on the same class list")
-    header = "| metric | " + " | ".join(names) + " |"
+    header = "| metric | " + " | ".join(map(md_cell, names)) + " |"
     rule = "|---|" + "---:|" * len(names)
     lines = [header, rule]
     lines += [f"| {label} | " + " | ".join(_fmt_metric(key, r.get(key), r) for r in results) + " |"
               for label, key in MACRO_ROWS]
+    lines += uncertainty_rows(results)
     units = {r.get("unit") for r in results}
     if len(units) > 1:
         lines += ["", "Note: these reports score different units (" + ", ".join(
             f"{n}: {r.get('unit') or 'unknown'}" for n, r in zip(names, results))
             + "): a fusion model is scored per study, a backbone per image."]
-    lines += ["", "| class | group | " + " | ".join(f"AP {n}" for n in names) + " |",
+    lines += ["", "| class | group | " + " | ".join(f"AP {md_cell(n)}" for n in names) + " |",
               "|---|---|" + "---:|" * len(names)]
     for c in classes_by_frequency(results[0]):
         group = results[0]["per_class"][c].get("group") or "n/a"
-        lines.append(f"| {c} | {group} | " + " | ".join(fmt(r["per_class"][c].get("ap")) for r in results) + " |")
+        lines.append(f"| {md_cell(c)} | {md_cell(group)} | " + " | ".join(fmt(r["per_class"][c].get("ap"))
+                                                                          for r in results) + " |")
     return "\n".join(lines) + "\n"
+
+
+def uncertainty_rows(results: list[dict]) -> list[str]:
+    """Rows of :func:`compare_runs`'s macro table: each run's mAP interval, class-prior baseline and
+    marks (reports written before the intervals existed show n/a)."""
+    return [
+        "| mAP 95 % CI | " + " | ".join(fmt_ci(r.get("mAP_ci")) for r in results) + " |",
+        "| mAP baseline (class prior) | " + " | ".join(fmt(r.get("mAP_baseline")) for r in results) + " |",
+        "| marks | " + " | ".join((", ".join(map(md_cell, r.get("flags") or [])) or "none")
+                                 if "flags" in r else "n/a" for r in results) + " |"]
 

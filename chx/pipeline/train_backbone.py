@@ -1,4 +1,5 @@
-"""Stage 1: `chx train-backbone`, a ConvNeXt + ML-Decoder image classifier.
+"""Stage 1: `chx train-backbone`, a ConvNeXt + ML-Decoder image classifier (``--head``: or CSRA, or
+linear; ``--loss``: weighted ASL or ASL, DB, BCE; ``--clahe``/``--coarse-dropout``: augmentations).
 
 Data: one or more manifests over images roots. Training rows are those with split ``train`` or no
 split (e.g. a pseudo-labelled external dataset); validation rows have split ``val``. Class priors
@@ -22,6 +23,7 @@ from chx.engine.objective import make_objective
 from chx.engine.trainer import FitResult, TrainConfig, fit, warn  # noqa: F401  (TrainConfig re-exported)
 from chx.errors import ChxError
 from chx.models import create_model
+from chx.models.heads import check_head
 from chx.options import BackboneOptions
 
 
@@ -67,6 +69,7 @@ def split_rows(df: pl.DataFrame, roots: list[Path]):
 def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: BackboneOptions,
                    cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> FitResult:
     cfg.validate()
+    check_head(opts.head, opts.csra_heads, opts.csra_lambda)
     ddp = setup_distributed(cfg.device)
     df, roots = load_manifests(manifests, images)
     classes = class_columns(df)
@@ -75,7 +78,8 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
         raise ChxError("the manifest(s) have no training rows (split 'train' or empty); assign splits "
                        "with `chx prepare ... --val-fraction`")
     pre = Preprocess(size=opts.size, mode=opts.resize)
-    train_set = ImageDataset(train_df, train_roots, pre, train=True, classes=classes)
+    train_set = ImageDataset(train_df, train_roots, pre, train=True, classes=classes,
+                             augment=dict(clahe=opts.clahe, coarse_dropout=opts.coarse_dropout))
     val_set = ImageDataset(val_df, val_roots, pre, train=False, classes=classes) if val_df.height else None
     train_set.require_files("training")
     if val_set is not None:
@@ -85,10 +89,11 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
 
     objective = make_objective(label_matrix(train_df, classes), classes, balance=opts.balance,
                                seed=cfg.seed, ddp=ddp, unit="image", warn=warn,
-                               soft_targets=opts.soft_targets)
+                               soft_targets=opts.soft_targets, loss=opts.loss)
     torch.manual_seed(cfg.seed)  # model initialisation
     model = create_model("backbone", backbone_name=opts.model, num_classes=len(classes),
-                         pretrained=opts.pretrained, weights=opts.weights)
+                         pretrained=opts.pretrained, weights=opts.weights, head=opts.head,
+                         csra_heads=opts.csra_heads, csra_lambda=opts.csra_lambda)
     if opts.grad_checkpointing:
         model.set_grad_checkpointing(True)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from chx.data.study_dataset import StudyDataset, collate_studies
+from chx.engine.compat import store_data_sha256
 from chx.engine.distributed import setup_distributed
 from chx.engine.inference import predict_studies
 from chx.engine.objective import make_objective
@@ -33,6 +34,7 @@ def train_fusion(store_path: str, out: Path, opts: FusionOptions, cfg: TrainConf
         store.require_complete()      # a store with missing shards must not train on empty maps
         classes, channels = list(store.class_names), store.feature_shape[0]
         fingerprint = store.fingerprint
+        data_sha256 = store_data_sha256(store)   # --resume refuses a store of other data
     preload = "ram" if opts.preload == "on" else opts.preload
     # Streaming reads whole shards in a shard-local order; class-aware sampling draws at random,
     # so it reads study by study (no shard cache).
@@ -81,6 +83,7 @@ def train_fusion(store_path: str, out: Path, opts: FusionOptions, cfg: TrainConf
         "class_names": classes,
         **objective.meta(),
         "store_fingerprint": fingerprint,
+        "store_data_sha256": data_sha256,
         "val_tta": val_flip is not None,
         "options": {**asdict(opts), "store": str(store_path)},
         "reader": {"preload": train_set.preload, "sampler": type(objective.sampler).__name__},

@@ -12,7 +12,11 @@ each written whole by one writer and marked done (with CRC-32C checksums) in ``s
 image ``image_id``, ``view``, ``split``; per study ``study_id`` and ``labels`` [n_studies, K]
 float32 (NaN = not annotated); attributes ``format_version``, ``chx_feature_store``,
 ``class_names``, ``fingerprint``, ``feature_shape``, ``flip``, ``dtype``, ``shard_images``,
-``checksum``, ``complete``. Format 1 (older stores: one object per image, a ``done`` flag per
+``checksum``, ``complete``; since issue 26 also ``integrity`` (1: each done record also holds a
+CRC-32C per row and map array, and every checksum is bound to its place: fingerprint, index, image
+ids; checked on every read), ``meta_crc`` (a checksum of each metadata array, checked at open) and,
+HDF5, ``in_flight`` (the shard being written; checked on reopen). Stores without ``integrity`` are
+read as before. Format 1 (older stores: one object per image, a ``done`` flag per
 image, float16) is still opened, read and written.
 """
 

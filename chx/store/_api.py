@@ -7,7 +7,7 @@ from typing import Sequence
 
 from chx.errors import ChxError
 from chx.store import _codec
-from chx.store._base import FeatureStore
+from chx.store._base import FeatureStore, local_path
 from chx.store._layout import (FORMAT_VERSION, LEGACY_SHARD_IMAGES, StoreSpec, build_layout, check_feature_shape,
                                normalise_fingerprint)
 
@@ -73,7 +73,10 @@ def create_store(path, *, image_ids: Sequence[str], study_ids: Sequence[str], vi
 
     Creation is atomic on local paths (built under a temp name beside the target, then renamed);
     on object storage the attributes, `format_version` among them, are written last, and a store
-    without them is refused by open_store as half-initialised."""
+    without them is refused by open_store as half-initialised. There, several writers (machines,
+    array tasks) may start at once without a lock: creation is idempotent (each writes the same
+    objects where absent, never deleting any) and every writer then checks the store against its
+    inputs like a resume, so an identical layout is accepted and a different one refused."""
     path = os.fspath(path) if not isinstance(path, str) else path
     cls = backend_class(path)
     spec = _spec(image_ids, study_ids, views, splits, labels, class_names, feature_shape, fingerprint, flip,
@@ -84,16 +87,29 @@ def create_store(path, *, image_ids: Sequence[str], study_ids: Sequence[str], vi
     if state == "foreign":
         raise ChxError(f"{path} exists and is not a chx feature store ({reason}); refusing to replace it, even "
                        f"with --overwrite: choose another store path (or delete it yourself if it is yours)")
+    if state == "busy":
+        raise ChxError(f"feature store {path} is open in another process ({reason}): wait for that process to "
+                       f"finish (or stop it), then rerun")
     if state == "damaged" and not overwrite:
         raise ChxError(f"{path} exists but is not a usable feature store ({reason}); use --overwrite to replace it")
     if state == "store" and not overwrite:
+        return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
+    if state == "creating":   # object storage: another writer is creating it (or was interrupted): join it
+        try:
+            cls.create(path, spec, replace=False)
+        except ChxError:
+            if not overwrite:
+                raise
+            cls.create(path, spec, replace=True)
         return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
     try:
         created = cls.create(path, spec, replace=(state != "absent"))
     except OSError as e:   # an unwritable or missing folder, a full disk: the user's to fix
         raise ChxError(f"could not create feature store {path}: {e.strerror or e}; choose another store path, "
                        f"or fix the folder (permissions, free space)") from None
-    if not created:   # another process created it meanwhile: same checks as a resume
+    if not created or local_path(path) is None:
+        # Another process created it meanwhile, or object storage, where several writers may have
+        # created it at once: the same checks as a resume (an identical layout is accepted).
         return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
     return open_store(path, "r+")
 
@@ -122,7 +138,7 @@ def _spec(image_ids, study_ids, views, splits, labels, class_names, feature_shap
 
 
 def _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit) -> FeatureStore:
-    store = open_store(path, "r+")
+    store = backend_class(path)(path, "r+", refresh_meta=True)   # damaged views/splits/labels: rewritten
     try:
         return store._reopen(spec, image_ids, study_ids, views, splits, labels, explicit)
     except BaseException:

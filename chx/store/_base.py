@@ -10,6 +10,9 @@ their error reports, ``verify``, ``info`` and the reopen check live here, once.
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import math
 import time
 from collections import Counter
@@ -31,6 +34,17 @@ REQUIRED_ATTRS = {1: ("format_version", "class_names", "fingerprint", "feature_s
 DONE_FIELDS = ("done", "features", "features_flip", "scale")   # a format-2 done marker: flag + CRC-32C per array
 HINT_RECREATE = "re-create it with `chx extract-features ... --overwrite`"
 HINT_REPAIR = "re-extract the damaged shards with `chx extract-features ... --repair`"
+REFRESHABLE = ("view", "split", "labels")   # metadata a rerun of extract-features rewrites from the manifest
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether an OSError (h5py's carry the errno in the text only) says the disk or quota is full."""
+    if not isinstance(e, OSError):
+        return False
+    text = str(e)
+    return e.errno in DISK_FULL or any(t in text for t in (
+        "No space left", "errno = 28", "Disk quota", "errno = 122", "File too large", "errno = 27"))
 
 
 def local_path(path) -> Path | None:
@@ -125,6 +139,7 @@ class VerifyReport:
     problems: list[ShardProblem] = field(default_factory=list)
     bytes_read: int = 0
     seconds: float = 0.0
+    bound: bool = True                 # checksums bound to their place, per image too (False: an older store)
 
     @property
     def ok(self) -> bool:
@@ -137,7 +152,9 @@ class VerifyReport:
 
     def summary(self) -> str:
         head = (f"{self.path}: {self.checked:,} of {self.n_shards:,} shards read back"
-                f"{' and checksummed' if self.checksums else ' (format 1: no checksums)'}")
+                f"{' and checksummed' if self.checksums else ' (format 1: no checksums)'}"
+                + ("" if self.bound or not self.checksums else " (an older store: checksums not bound to their place; "
+                                                               "rebuild it with --overwrite for that check)"))
         if self.ok:
             return f"{head}: no problems"
         parts = []
@@ -150,7 +167,8 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "ok": self.ok, "n_shards": self.n_shards, "checked": self.checked,
-                "checksums": self.checksums, "complete": self.complete, "not_extracted": self.not_extracted,
+                "checksums": self.checksums, "bound": self.bound, "complete": self.complete,
+                "not_extracted": self.not_extracted,
                 "problems": [vars(p) for p in self.problems], "bytes_read": self.bytes_read,
                 "seconds": round(self.seconds, 3)}
 
@@ -171,17 +189,23 @@ class FeatureStore:
     backend: str = ""
     supports_parallel_writers: bool = False
 
-    def __init__(self, path: str, mode: str):
+    def __init__(self, path: str, mode: str, *, refresh_meta: bool = False):
+        """refresh_meta (create_store's resume): views, splits or labels that fail their checksum are
+        left for :meth:`_reopen` to rewrite from the manifest instead of refusing the store."""
         self.path = str(path)
         self.mode = mode
         self._index: dict[str, int] | None = None
         self.updated_metadata: list[str] = []   # set by create_store when it refreshed views/splits/labels
+        self._stale_meta: list[str] = []
         self._open(mode)
         try:
             self._attrs = self._check_attrs(self._read_attrs())
             self._open_arrays(self._array_names())
             self._check_arrays()
             self._load_metadata()
+            self._check_meta(refresh_meta)
+            if self.writable:
+                self._recover_in_flight()
         except BaseException:
             self.close()
             raise
@@ -191,7 +215,8 @@ class FeatureStore:
     def probe(cls, path: str) -> tuple[str, str]:
         """What `path` holds now, with a reason: 'absent' (nothing, or an empty folder), 'store' (a
         usable chx store), 'damaged' (provably a chx store, but broken or half-made: --overwrite may
-        replace it) or 'foreign' (anything else: never replaced)."""
+        replace it), 'busy' (in use by another process that the backend cannot share it with: never
+        replaced, not reopened) or 'foreign' (anything else: never replaced)."""
         raise NotImplementedError
 
     @classmethod
@@ -265,7 +290,8 @@ class FeatureStore:
         raise NotImplementedError
 
     def _shard_records(self, start: int, stop: int) -> np.ndarray:
-        """Format 2: [stop - start, 4] uint32 done records of those shards (DONE_FIELDS; zeros: not done)."""
+        """Format 2: [stop - start, width] uint32 done records of those shards (DONE_FIELDS, then the
+        per-row checksums where the store has them; zeros: not done)."""
         raise NotImplementedError
 
     def _disk_usage(self) -> tuple[int | None, int | None, int | None]:
@@ -321,7 +347,9 @@ class FeatureStore:
             s = int(self._attrs["shard_images"])
             if s < 1:
                 raise ChxError(f"feature store {self.path} is damaged: shard_images={s}; {HINT_RECREATE}")
-            expect["shard_done"] = (math.ceil(n / s), len(DONE_FIELDS))
+            checked = 1 + int(bool(self._attrs["flip"])) + int(_codec.has_scale(dtype))
+            rows = s * checked if int(self._attrs.get("integrity", 0)) >= 1 else 0   # per-row checksums
+            expect["shard_done"] = (math.ceil(n / s), len(DONE_FIELDS) + rows)
             expect["scale"] = (n, 1 + int(bool(self._attrs["flip"])), shape[0])
         else:
             expect["done"] = (n,)
@@ -358,6 +386,39 @@ class FeatureStore:
             problems.append(f"labels have shape {self._labels.shape}, expected ({s}, {len(self._class_names)})")
         if problems:
             raise ChxError(f"feature store {self.path} is inconsistent ({'; '.join(problems)}); {HINT_RECREATE}")
+        self._integrity = int(attrs.get("integrity", 0)) if int(attrs["format_version"]) >= 2 else 0
+        fp = json.dumps(self._fingerprint, sort_keys=True).encode("utf-8")
+        self._fp_tag = hashlib.sha256(fp).hexdigest()[:16]     # what every bound checksum starts from
+        self._checked = ["features"] + (["features_flip"] if self._has_flip else []) \
+            + (["scale"] if _codec.has_scale(self.dtype) else [])
+
+    def _meta_values(self) -> dict:
+        return {"study_ptr": self._study_ptr, "image_id": self._image_ids, "view": self._views,
+                "split": self._splits, "study_id": self._study_ids, "labels": self._labels}
+
+    def _check_meta(self, refresh: bool) -> None:
+        """Stores with integrity >= 1: every metadata array against its checksum (``meta_crc``), so a
+        lost object (read back as fill values) or a changed one is refused, never used."""
+        if not self._integrity:
+            return
+        stored = self._attrs.get("meta_crc")
+        stored = stored if isinstance(stored, dict) else {}
+        for name, values in self._meta_values().items():
+            if stored.get(name) == _codec.meta_crc32c(values):
+                continue
+            if refresh and name in REFRESHABLE:
+                self._stale_meta.append(name)       # _reopen rewrites it from the manifest
+                continue
+            fix = (f"rerun `chx extract-features` (the same command) to rewrite it from the manifest, or "
+                   f"{HINT_RECREATE}") if name in REFRESHABLE else HINT_RECREATE
+            raise ChxError(f"feature store {self.path}: its {name} array does not match its checksum (an object "
+                           f"of it is missing, or it was changed since it was written); {fix}")
+
+    def _store_meta_crc(self) -> None:
+        if self._integrity:
+            crc = {k: _codec.meta_crc32c(v) for k, v in self._meta_values().items()}
+            self._set_attrs({"meta_crc": crc})
+            self._attrs["meta_crc"] = crc
 
     def require_complete(self) -> None:
         """ChxError (one line) unless the store is complete and, where the backend can tell cheaply
@@ -595,7 +656,7 @@ class FeatureStore:
                               None if scale is None else scale[:, 1]) if flip else None
         return feats, flips
 
-    def _read_checked(self, name: str, a: int, b: int) -> np.ndarray:
+    def _read_checked(self, name: str, a: int, b: int, check_rows: bool = True) -> np.ndarray:
         """Stored rows a..b-1 of `name`; a missing or undecodable object is one ChxError naming the image."""
         try:
             raw = self._read_raw(name, a, b)
@@ -615,7 +676,53 @@ class FeatureStore:
                 row = a + int(r)
                 if not self._row_done(row) or self._object_missing(name, row):
                     raise self._missing_error(name, row)
+        if check_rows and b > a and name in self._checked:
+            self._check_rows(name, a, b, raw)
         return raw
+
+    def _check_rows(self, name: str, a: int, b: int, raw: np.ndarray) -> None:
+        """Every read of maps: each row against its bound CRC-32C (stores with integrity >= 1: a changed
+        byte, a row from another place or store is one ChxError naming the image); older stores,
+        which have no per-row checksums: NaN/inf in the maps, the same way."""
+        if not self._integrity:
+            if name != "scale":
+                bad = _codec.nonfinite_rows(raw, self.dtype)
+                if bad.any():
+                    raise self._nonfinite_error(name, a + int(np.flatnonzero(bad)[0]))
+            return
+        want = self._row_crcs(a, b)[:, self._checked.index(name)]
+        got = _codec.row_crc32c(self._row_bindings(name, a, b), raw)
+        if not np.array_equal(want, got):
+            row = a + int(np.flatnonzero(want != got)[0])
+            if not self._row_done(row):          # written, but its done marker (and checksums) never was
+                raise self._missing_error(name, row)
+            if name != "scale" and _codec.nonfinite_rows(raw[row - a:row - a + 1], self.dtype)[0]:
+                raise self._nonfinite_error(name, row)
+            raise ChxError(f"feature store {self.path}: the {name} of {self._where(row)} do not match their checksum "
+                           f"(changed since written, or copied from another place or store); {HINT_REPAIR} "
+                           f"(`chx store verify {self.path}` lists every damaged shard)")
+
+    def _row_crcs(self, a: int, b: int) -> np.ndarray:
+        """uint32 [b - a, checked arrays]: the per-row checksums of rows a..b-1 from their shards' done
+        records (cached per shard once the store is complete: then nothing rewrites them)."""
+        s0, s1 = int(self.shard_of_row(a)), int(self.shard_of_row(b - 1)) + 1
+        cache = self.__dict__.setdefault("_records_cache", {})
+        if all(s in cache for s in range(s0, s1)):
+            recs = np.stack([cache[s] for s in range(s0, s1)])
+        else:
+            try:
+                recs = self._shard_records(s0, s1)
+            except Exception as e:
+                raise ChxError(f"feature store {self.path}: the done records of shards {s0}..{s1 - 1} cannot be "
+                               f"read ({type(e).__name__}); {HINT_REPAIR}") from None
+            if self.complete and not self.writable:
+                cache.update({s0 + i: r for i, r in enumerate(recs)})
+        per_row = recs[:, len(DONE_FIELDS):].reshape(-1, len(self._checked))   # rows s0*S .. s1*S-1
+        return per_row[a - s0 * self.shard_images:b - s0 * self.shard_images]
+
+    def _nonfinite_error(self, name: str, row: int) -> ChxError:
+        return ChxError(f"feature store {self.path}: the {name} of {self._where(row)} hold NaN or inf; {HINT_REPAIR} "
+                        f"(`chx store verify {self.path}` lists every damaged shard)")
 
     def _first_bad_row(self, name: str, a: int, b: int) -> int:
         for r in range(a, b):
@@ -718,16 +825,114 @@ class FeatureStore:
         raw, scale = self._encode(feats, rows)
         raw_flip, scale_flip = self._encode(flips, rows) if flips is not None else (None, None)
         scales = None if scale is None else np.stack([scale] + ([scale_flip] if flips is not None else []), axis=1)
-        self._clear_done(np.array([s]))
-        self._write_shard_raw("features", s, raw)
-        if raw_flip is not None:
-            self._write_shard_raw("features_flip", s, raw_flip)
-        if scales is not None:
-            self._write_shard_raw("scale", s, scales)
-        record = np.array([[1, _codec.crc32c(raw), _codec.crc32c(raw_flip), _codec.crc32c(scales)]], dtype=np.uint32)
-        self._set_done(np.array([s]), record)
+        arrays = {"features": raw, "features_flip": raw_flip, "scale": scales}
+        head = [1] + [self._shard_crc(name, s, arrays[name]) for name in DONE_FIELDS[1:]]
+        rows_crc = np.zeros((self.shard_images if self._integrity else 0, len(self._checked)), dtype=np.uint32)
+        for col, name in enumerate(self._checked if self._integrity else ()):
+            rows_crc[:b - a, col] = _codec.row_crc32c(self._row_bindings(name, a, b), arrays[name])
+        record = np.concatenate([np.asarray(head, dtype=np.uint32), rows_crc.reshape(-1)])[None]
+        try:
+            self._begin_shard(s)
+            self._clear_done(np.array([s]))
+            for name in self._checked:
+                self._write_shard_raw(name, s, arrays[name])
+            self._flush()                      # the data is on disk (or its error raised) before the done marker
+            self._set_done(np.array([s]), record)
+            self._end_shard(s)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise ChxError(f"feature store {self.path}: disk full while writing shard {s} (images "
+                           f"{self._image_ids[a]!r}..{self._image_ids[b - 1]!r}): {' '.join(str(e).split())[:120]}; "
+                           f"free space and rerun the same command: shards written before are kept, this one is "
+                           f"checked and redone") from None
+
+    # ------------------------------------------------------------------------ bound checksums, journal
+    def _shard_binding(self, name: str, s: int) -> str:
+        a, b = self.shard_rows(s)
+        return f"{self._fp_tag}|{name}|shard {s}|{self._image_ids[a]}|{self._image_ids[b - 1]}"
+
+    def _row_bindings(self, name: str, a: int, b: int) -> list[str]:
+        return [f"{self._fp_tag}|{name}|row {r}|{self._image_ids[r]}" for r in range(a, b)]
+
+    def _shard_crc(self, name: str, s: int, raw: np.ndarray | None) -> int:
+        """The checksum of shard s of `name` as its done record holds it: bound to the shard's place
+        (store fingerprint, index, image ids) in stores with integrity >= 1, plain CRC-32C before."""
+        if self._integrity:
+            return _codec.bound_crc32c(self._shard_binding(name, s), raw)
+        return _codec.crc32c(raw)
+
+    def _flush(self) -> None:
+        """Push written data to the storage (backend; a no-op where each write is already whole)."""
+
+    def _journal(self) -> bool:
+        """Single-writer backends (HDF5) write a shard in place: they note it as in flight first."""
+        return self.is_sharded and not self.supports_parallel_writers
+
+    def _begin_shard(self, s: int) -> None:
+        if self._journal():
+            self._set_attrs({"in_flight": [int(s)]})
+
+    def _end_shard(self, s: int) -> None:
+        if self._journal():
+            self._set_attrs({"in_flight": []})
+
+    def _recover_in_flight(self) -> None:
+        """A writer that died mid-shard (a crash, a full disk) left the shard noted in flight: trust
+        its done marker only when the shard's data match its checksums, else mark it not done, so
+        the next extraction redoes it (opening for writing does this)."""
+        if not self._journal():
+            return
+        pending = self._read_attrs().get("in_flight") or []
+        for s in pending:
+            s = int(s)
+            if 0 <= s < self.n_shards and self._shard_done_mask()[s] and self._shard_problems(s):
+                self.mark_shards_missing([s])
+        if pending:
+            self._set_attrs({"in_flight": []})
+
+    def _shard_problems(self, s: int, records: np.ndarray | None = None) -> list[str]:
+        """What is wrong with done shard s: unreadable arrays, checksum mismatches ([] when sound)."""
+        a, b = self.shard_rows(s)
+        if records is None and self.is_sharded:
+            try:
+                records = {s: self._shard_records(s, s + 1)[0]}
+            except Exception:
+                records = {s: np.zeros(self._array_shape("shard_done")[1], dtype=np.uint32)}
+        out = []
+        if records is not None and records[s][0] != 1:
+            return [f"shard {s} has no readable done marker (checksums lost)"]
+        for name in self._checked:
+            try:
+                raw = self._read_checked(name, a, b, check_rows=False)
+            except ChxError as e:
+                out.append(str(e))
+                continue
+            self._bytes_read = getattr(self, "_bytes_read", 0) + raw.nbytes
+            if records is not None:
+                want, got = int(records[s][DONE_FIELDS.index(name)]), self._shard_crc(name, s, raw)
+                if want != got:
+                    out.append(f"{name} of shard {s} (rows {a}..{b - 1}) changed since it was written, or was "
+                               f"copied from another place or store (CRC-32C {got:08x}, written {want:08x})")
+                    continue
+            bad = _codec.nonfinite_rows(raw, self.dtype) if name != "scale" else \
+                ~np.isfinite(raw.reshape(len(raw), -1)).all(axis=1)
+            if bad.any():                # older stores, written before NaN was refused at write time
+                out.append(f"the {name} of {self._where(a + int(np.flatnonzero(bad)[0]))} hold NaN or inf")
+            elif records is not None:
+                try:                     # the per-row checksums of the record agree with the data too
+                    self._check_rows(name, a, b, raw)
+                except ChxError as e:
+                    out.append(str(e))
+        return out
 
     def _encode(self, maps: np.ndarray, rows: np.ndarray):
+        if self.dtype != "float8":        # float8's encode finds them itself (it cannot scale them)
+            bad = ~np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
+            if bad.any():
+                raise ChxError(f"feature store {self.path}: the maps of image "
+                               f"{self._image_ids[int(rows[int(np.flatnonzero(bad)[0])])]!r} hold NaN or inf; a store "
+                               f"never keeps them: check the backbone checkpoint (its weights, or --precision)")
         try:
             return _codec.encode(maps, self.dtype)
         except _codec.NonFiniteError as e:
@@ -761,17 +966,21 @@ class FeatureStore:
         self._attrs["complete"] = True
 
     def _update_metadata(self, views: list[str], splits: list[str], labels: np.ndarray) -> None:
-        """Refresh per-image views/splits and per-study labels (given in store order) where they changed."""
-        changes = []
-        if views != self._views:
+        """Refresh per-image views/splits and per-study labels (given in store order) where they changed
+        (or failed their checksum at open), then their checksums."""
+        changes, stale = [], set(self._stale_meta)
+        if views != self._views or "view" in stale:
             self._replace_array("view", np.asarray(views, dtype=object))
             self._views, changes = list(views), changes + ["views"]
-        if splits != self._splits:
+        if splits != self._splits or "split" in stale:
             self._replace_array("split", np.asarray(splits, dtype=object))
             self._splits, changes = list(splits), changes + ["splits"]
-        if not np.array_equal(labels, self._labels, equal_nan=True):
+        if not np.array_equal(labels, self._labels, equal_nan=True) or "labels" in stale:
             self._replace_array("labels", np.asarray(labels, dtype=np.float32))
             self._labels, changes = np.asarray(labels, dtype=np.float32).copy(), changes + ["labels"]
+        if changes:
+            self._store_meta_crc()
+        self._stale_meta = []
         self.updated_metadata = changes
 
     # ------------------------------------------------------------------------------------- reopen
@@ -833,36 +1042,21 @@ class FeatureStore:
 
     # ------------------------------------------------------------------------------------- verify
     def verify(self) -> VerifyReport:
-        """Read every done shard back (every array), check its stored CRC-32C checksums (format 2)
-        and report what is missing, undecodable or changed. Never raises for a damaged shard."""
+        """Read every done shard back (every array), check its stored CRC-32C checksums (format 2;
+        bound to the shard's place and, row by row, to each image's in stores with integrity >= 1)
+        and report what is missing, undecodable, changed, moved or NaN. Never raises for a damaged shard."""
         t0 = time.perf_counter()
         done = self._shard_done_mask()
         records = self._readable_records() if self.is_sharded else None
-        names = ["features"] + (["features_flip"] if self._has_flip else []) \
-            + (["scale"] if _codec.has_scale(self.dtype) else [])
         report = VerifyReport(self.path, self.n_shards, 0, records is not None, self.complete,
-                              not_extracted=[int(s) for s in np.flatnonzero(~done)])
+                              not_extracted=[int(s) for s in np.flatnonzero(~done)], bound=bool(self._integrity))
+        self._bytes_read = 0
         for s in np.flatnonzero(done):
             a, b = self.shard_rows(s)
             report.checked += 1
-            for name in names:
-                try:
-                    raw = self._read_checked(name, a, b)
-                except ChxError as e:
-                    report.problems.append(ShardProblem(int(s), (a, b), self._image_ids[a], str(e)))
-                    continue
-                report.bytes_read += raw.nbytes
-                if records is not None and records[s, 0] == 1:
-                    want, got = int(records[s, DONE_FIELDS.index(name)]), _codec.crc32c(raw)
-                    if want != got:
-                        report.problems.append(ShardProblem(
-                            int(s), (a, b), self._image_ids[a],
-                            f"{name} of shard {s} (rows {a}..{b - 1}) changed since it was written "
-                            f"(CRC-32C {got:08x}, written {want:08x})"))
-                elif records is not None:
-                    report.problems.append(ShardProblem(int(s), (a, b), self._image_ids[a],
-                                                        f"shard {s} has no readable done marker (checksums lost)"))
-                    break
+            for problem in self._shard_problems(int(s), records):
+                report.problems.append(ShardProblem(int(s), (a, b), self._image_ids[a], problem))
+        report.bytes_read = self._bytes_read
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -871,7 +1065,7 @@ class FeatureStore:
         try:
             return self._shard_records(0, self.n_shards)
         except Exception:
-            out = np.zeros((self.n_shards, len(DONE_FIELDS)), dtype=np.uint32)
+            out = np.zeros((self.n_shards, self._array_shape("shard_done")[1]), dtype=np.uint32)
             for s in range(self.n_shards):
                 try:
                     out[s] = self._shard_records(s, s + 1)[0]

@@ -133,3 +133,55 @@ def crc32c(values: np.ndarray | None) -> int:
     import google_crc32c
 
     return int(google_crc32c.value(np.ascontiguousarray(values).reshape(-1).view(np.uint8)))
+
+
+# ------------------------------------------------------------------------------- bound checksums
+# Stores made since issue 26 (attribute ``integrity`` >= 1) bind every checksum to its place: a
+# shard's CRC-32C starts from the bytes of a binding (the store's fingerprint, the array, the shard
+# or row index and the image ids there), then runs over the data, so a shard or a row copied from
+# another store, or moved to another index, fails its check although its bytes are intact.
+INTEGRITY = 1
+
+
+def bound_crc32c(binding: str, values: np.ndarray | None) -> int:
+    """CRC-32C of ``binding`` (UTF-8) followed by the array's bytes in C order (0 for None)."""
+    if values is None:
+        return 0
+    import google_crc32c
+
+    crc = google_crc32c.value(binding.encode("utf-8"))
+    return int(google_crc32c.extend(crc, np.ascontiguousarray(values).reshape(-1).view(np.uint8)))
+
+
+def row_crc32c(bindings: list[str], values: np.ndarray) -> np.ndarray:
+    """uint32 [n]: :func:`bound_crc32c` of each row of values [n, ...] with its binding."""
+    values = np.ascontiguousarray(values)
+    return np.array([bound_crc32c(b, values[i]) for i, b in enumerate(bindings)], dtype=np.uint32)
+
+
+def meta_crc32c(values) -> int:
+    """CRC-32C of a metadata array in a canonical form: strings as JSON, numbers little-endian
+    (int64 / float32, NaN canonical), so the value does not depend on the backend."""
+    import json
+
+    import google_crc32c
+
+    arr = np.asarray(values)
+    if arr.dtype.kind in "OUS":
+        raw = json.dumps(["" if v is None else str(v) for v in arr.reshape(-1).tolist()], ensure_ascii=False)
+        return int(google_crc32c.value(raw.encode("utf-8")))
+    if arr.dtype.kind == "f":
+        arr = np.where(np.isnan(arr), np.float32(np.nan), arr).astype("<f4")
+    else:
+        arr = arr.astype("<i8")
+    return int(google_crc32c.value(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+
+
+def nonfinite_rows(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """bool [n]: which rows of stored maps [n, ...] hold NaN or inf (from the bits, no decode)."""
+    flat = np.ascontiguousarray(stored).reshape(len(stored), -1)
+    if dtype == "float8":                      # e4m3fn: no inf; NaN is S.1111.111
+        return ((flat.view(np.uint8) & 0x7F) == 0x7F).any(axis=1)
+    bits = flat.view(np.uint16)
+    mask = 0x7C00 if dtype == "float16" else 0x7F80
+    return ((bits & mask) == mask).any(axis=1)

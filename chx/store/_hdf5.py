@@ -10,6 +10,8 @@ chx's even when the HDF5 structure behind it is truncated or damaged.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import uuid
@@ -19,7 +21,7 @@ import numpy as np
 
 from chx.errors import ChxError
 from chx.store import _codec
-from chx.store._base import DONE_FIELDS, HINT_RECREATE, FeatureStore, contiguous_runs, is_provably_ours, local_path
+from chx.store._base import HINT_RECREATE, FeatureStore, contiguous_runs, is_provably_ours, local_path
 from chx.store._layout import StoreSpec
 
 META_CHUNK = 65536
@@ -58,14 +60,20 @@ class HDF5FeatureStore(FeatureStore):
             return "absent", ""
         if local.is_dir():
             return "foreign", f"{path} is a directory"
+        if _busy(local):
+            return "busy", "another process has it open (an extraction writing it, or a reader)"
         try:
-            cls(path, "r").close()
-            return "store", ""
+            cls(path, "r", refresh_meta=True).close()   # views/splits/labels: a rerun rewrites them
+            state, reason = "store", ""
         except ChxError as e:
-            reason = str(e)
-        if _has_magic(local) or is_provably_ours(_attrs_if_readable(local)):
-            return "damaged", reason
-        return "foreign", "it is not a file chx made (no chx header, no chx attributes)"
+            state, reason = "damaged", str(e)
+        if state == "damaged" and not (_has_magic(local) or is_provably_ours(_attrs_if_readable(local))):
+            return "foreign", "it is not a file chx made (no chx header, no chx attributes)"
+        alien = sorted(set(_root_keys(local)) - OWNED_ENTRIES)
+        if alien:    # a dataset or group a user added: --overwrite would delete it
+            more = ", ..." if len(alien) > 3 else ""
+            return "foreign", f"it holds entries chx did not make: {', '.join(alien[:3])}{more}"
+        return state, reason
 
     @classmethod
     def create(cls, path: str, spec: StoreSpec, replace: bool) -> bool:
@@ -88,8 +96,9 @@ class HDF5FeatureStore(FeatureStore):
                         nf = len(spec.feature_arrays)
                         f.create_dataset("scale", shape=(n, nf, c), dtype="float32",
                                          chunks=(min(n, spec.shard_images), nf, c), fillvalue=0)
-                    f.create_dataset("shard_done", shape=(spec.n_shards, len(DONE_FIELDS)), dtype="uint32",
-                                     chunks=(min(spec.n_shards, 4096), len(DONE_FIELDS)), fillvalue=0)
+                    width = spec.done_record_width
+                    f.create_dataset("shard_done", shape=(spec.n_shards, width), dtype="uint32",
+                                     chunks=(min(spec.n_shards, max(1, 2**16 // width)), width), fillvalue=0)
                 else:
                     f.create_dataset("done", shape=(n,), dtype="uint8", chunks=mc(n), fillvalue=0)
                 sdt = h5py.string_dtype("utf-8")
@@ -104,7 +113,8 @@ class HDF5FeatureStore(FeatureStore):
             with open(tmp, "r+b") as f:
                 f.write(MAGIC)
             if replace:
-                os.replace(tmp, local)
+                with _exclusive(local, path):   # the writers' lock: never replace a file being written
+                    os.replace(tmp, local)
                 return True
             try:
                 os.link(tmp, local)          # exclusive: fails if another process put a store there first
@@ -131,7 +141,8 @@ class HDF5FeatureStore(FeatureStore):
         try:
             self._file = h5py.File(local, "r" if mode == "r" else "r+")
         except OSError as e:
-            hint = "is another process writing it? HDF5 takes one writer" if "unable to lock" in str(e).lower() \
+            hint = ("another process has it open (HDF5 takes one writer, and no reader while it writes): wait "
+                    "for that process to finish, then rerun") if "unable to lock" in str(e).lower() \
                 else f"truncated or not HDF5? {HINT_RECREATE}"
             raise ChxError(f"cannot open HDF5 feature store {self.path} ({e}); {hint}") from None
         self._local = local
@@ -146,6 +157,9 @@ class HDF5FeatureStore(FeatureStore):
     def _set_attrs(self, attrs: dict) -> None:
         for k, v in attrs.items():
             self._file.attrs[k] = json.dumps(v)
+        self._file.flush()
+
+    def _flush(self) -> None:
         self._file.flush()
 
     def _open_arrays(self, names: list[str]) -> None:
@@ -237,6 +251,62 @@ class HDF5FeatureStore(FeatureStore):
             except Exception:
                 pass
             self._file = None
+
+
+# Every entry chx puts at an HDF5 store's root; anything else there is the user's.
+OWNED_ENTRIES = frozenset(("features", "features_flip", "scale", "shard_done", "done", "image_id", "view",
+                           "split", "study_id", "study_ptr", "labels"))
+
+
+def _root_keys(path: Path) -> list[str]:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return list(f.keys())
+    except Exception:
+        return []
+
+
+def _busy(path: Path) -> bool:
+    """Whether another process holds the file open (HDF5 locks it with flock while open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)
+
+
+class _exclusive:
+    """Hold HDF5's own file lock (flock) exclusively while the file is replaced: refused (ChxError)
+    while another process - an extraction writing it, a reader - has it open."""
+
+    def __init__(self, local: Path, path: str):
+        self.local, self.path, self.fd = local, path, None
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.local, os.O_RDONLY)
+        except FileNotFoundError:
+            return self
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise ChxError(f"feature store {self.path} is open in another process (an extraction writing it, or "
+                           f"a reader); --overwrite never replaces a store in use: wait for that process to "
+                           f"finish (or stop it), then rerun") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def _attrs_if_readable(path: Path) -> dict:

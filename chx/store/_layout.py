@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from chx.store import _codec
 FORMAT_VERSION = 2                      # the layout new stores get; 1 is still read and written
 LEGACY_SHARD_IMAGES = 64                # format 1 has no shards: blocks of 64 rows stand in for them
 MARKER = "chx_feature_store"            # attribute that proves a store is chx's (format 2)
+DONE_HEAD = 4                           # a done record's flag + 3 shard checksums (chx.store._base.DONE_FIELDS)
 
 
 def normalise_fingerprint(fingerprint: dict) -> dict:
@@ -53,6 +54,11 @@ class Layout:
     def n_images(self) -> int:
         return len(self.image_ids)
 
+    def meta_arrays(self) -> dict:
+        """The metadata arrays by their store names (what ``meta_crc`` covers)."""
+        return {"study_ptr": self.study_ptr, "image_id": self.image_ids, "view": self.views, "split": self.splits,
+                "study_id": self.study_ids, "labels": self.labels}
+
 
 @dataclass
 class StoreSpec:
@@ -67,6 +73,7 @@ class StoreSpec:
     compress: bool = False
     format_version: int = FORMAT_VERSION
     shard_images: int = LEGACY_SHARD_IMAGES   # images per shard (format 2); unused by format 1
+    integrity: int = field(default_factory=lambda: _codec.INTEGRITY)   # 0: as stores were before issue 26
 
     @property
     def n_shards(self) -> int:
@@ -76,6 +83,17 @@ class StoreSpec:
     def feature_arrays(self) -> list[str]:
         return ["features"] + (["features_flip"] if self.flip else [])
 
+    @property
+    def checked_arrays(self) -> list[str]:
+        """The arrays of a shard with a per-row checksum (the columns of ``row_crc``, format 2)."""
+        return self.feature_arrays + (["scale"] if _codec.has_scale(self.dtype) else [])
+
+    @property
+    def done_record_width(self) -> int:
+        """uint32 fields of a shard's done record (format 2): the flag and 3 shard checksums
+        (``DONE_FIELDS``), then the bound checksum of each row and checked array ([S, arrays], C order)."""
+        return DONE_HEAD + (self.shard_images * len(self.checked_arrays) if self.integrity >= 1 else 0)
+
     def attrs(self) -> dict:
         """The store's attributes; creation writes them last (format_version among them)."""
         a = {"class_names": self.class_names, "fingerprint": self.fingerprint,
@@ -83,6 +101,9 @@ class StoreSpec:
         if self.format_version >= 2:
             a.update({MARKER: True, "dtype": self.dtype, "shard_images": int(self.shard_images),
                       "checksum": _codec.CHECKSUM})
+            if self.integrity >= 1:
+                a.update({"integrity": self.integrity,
+                          "meta_crc": {k: _codec.meta_crc32c(v) for k, v in self.layout.meta_arrays().items()}})
         a["format_version"] = self.format_version
         return a
 

@@ -15,6 +15,7 @@ Format 1 (older stores, still read and written): one chunk per image of ``featur
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -24,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from chx.errors import ChxError
-from chx.store import _codec, _shardfile
-from chx.store._base import (DONE_FIELDS, HINT_RECREATE, META_ARRAYS, FeatureStore, contiguous_runs, is_provably_ours,
+from chx.store import _codec, _remote, _shardfile
+from chx.store._base import (HINT_RECREATE, META_ARRAYS, FeatureStore, contiguous_runs, is_provably_ours,
                              local_path)
 from chx.store._layout import MARKER, StoreSpec
 
@@ -44,12 +45,13 @@ def _make_store(path: str, read_only: bool):
     if local is not None:
         return LocalStore(local, read_only=read_only)
     try:
-        return FsspecStore.from_url(str(path), read_only=read_only)
+        store = FsspecStore.from_url(str(path), read_only=read_only, storage_options=_remote.storage_options(path))
     except ImportError as e:
-        raise ChxError(f"feature store {path}: URLs need fsspec (and the filesystem's package, e.g. "
-                       f"s3fs): {e}; install it or use a local path") from None
+        raise _remote.missing_package(path, e) from None
     except ValueError as e:
         raise ChxError(f"feature store {path}: cannot open this URL ({e}); check the path") from None
+    _remote.bound(store.fs)
+    return store
 
 
 def _open_group(store, path: str, mode: str):
@@ -91,19 +93,25 @@ class ZarrFeatureStore(FeatureStore):
                 return "absent", ""
             if not local.is_dir():
                 return "foreign", "it is a file, not a folder"
-        elif not _remote_exists(path):
-            return "absent", ""
+        else:
+            _remote.check(path)          # missing bucket, refused credentials, no endpoint: one line
+            if not _remote_exists(path):
+                return "absent", ""
         attrs = _root_attrs(path)
         if attrs is None:
             return "foreign", "no readable zarr.json with chx's format attributes"
         if not is_provably_ours(attrs):
             return "foreign", "its zarr.json lacks chx's format attributes"
+        if local is None and "format_version" not in attrs:
+            # Object storage has no rename: another writer is creating it now (or one was interrupted
+            # doing so). create_store then creates it too, idempotently (see _populate).
+            return "creating", "its creation has not finished (format_version not written yet)"
         alien = _alien_entries(path)
         if alien:
             more = ", ..." if len(alien) > 3 else ""
             return "foreign", f"it holds entries chx did not make: {', '.join(alien[:3])}{more}"
         try:
-            cls(path, "r").close()
+            cls(path, "r", refresh_meta=True).close()   # views/splits/labels: a rerun rewrites them
             return "store", ""
         except ChxError as e:
             return "damaged", str(e)
@@ -112,8 +120,10 @@ class ZarrFeatureStore(FeatureStore):
     def create(cls, path: str, spec: StoreSpec, replace: bool) -> bool:
         local = local_path(path)
         if local is None:
-            # Object storage has no rename: the attributes (format_version among them) are written last.
-            _populate(_make_store(path, read_only=False), spec)
+            # Object storage has no rename and no lock: the attributes (format_version among them) are
+            # written last, and a new store is populated idempotently, so several writers starting at
+            # once may all create it (identical objects; an existing array is checked, never replaced).
+            _populate(_make_store(path, read_only=False), spec, fresh=replace)
             return True
         # Local: build beside the target under a temp name, then rename it into place.
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +138,18 @@ class ZarrFeatureStore(FeatureStore):
             raise
         if replace and local.exists() and any(local.iterdir()):
             old = local.parent / f".{local.name}.old-{tag}"
-            os.rename(local, old)
-            os.rename(tmp, local)
+            lock = _dir_lock(local, exclusive=True)   # writers hold it shared: never replace a store being written
+            if lock is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ChxError(f"feature store {path} is being written by another process (an extraction); "
+                               f"--overwrite never replaces a store in use: wait for that process to finish (or "
+                               f"stop it), then rerun")
+            try:
+                os.rename(local, old)
+                os.rename(tmp, local)
+            finally:
+                if lock >= 0:
+                    os.close(lock)
             shutil.rmtree(old, ignore_errors=True)
             return True
         try:
@@ -150,7 +170,15 @@ class ZarrFeatureStore(FeatureStore):
         if local is not None and not local.is_dir():
             raise ChxError(f"{self.path} is a file, not a Zarr feature store (a directory); for an HDF5 store "
                            f"name the file *.h5")
+        if local is None:
+            _remote.check(self.path)     # missing bucket, refused credentials, no endpoint: one line
         self._local = local
+        self._lock = None
+        if local is not None and mode != "r":   # the writers' lock, shared: --overwrite needs it exclusively
+            self._lock = _dir_lock(local, exclusive=False)
+            if self._lock is None:
+                raise ChxError(f"feature store {self.path} is being replaced by another process (--overwrite); "
+                               f"wait for it to finish, then rerun")
         self._zstore = _make_store(self.path, read_only=(mode == "r"))
         self._group = _open_group(self._zstore, self.path, "r" if mode == "r" else "r+")
         self._arrays: dict = {}
@@ -310,7 +338,8 @@ class ZarrFeatureStore(FeatureStore):
             _sync(self._zstore.delete(self._key(name, int(u))))
 
     def _shard_records(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self._arrays["shard_done"][start:stop], dtype=np.uint32).reshape(-1, len(DONE_FIELDS))
+        arr = self._arrays["shard_done"]
+        return np.asarray(arr[start:stop], dtype=np.uint32).reshape(-1, arr.shape[1])
 
     def _disk_usage(self):
         if self._local is None:
@@ -327,6 +356,28 @@ class ZarrFeatureStore(FeatureStore):
             self._zstore.close()
         except Exception:
             pass
+        if getattr(self, "_lock", None) is not None:
+            if self._lock >= 0:
+                os.close(self._lock)
+            self._lock = None
+
+
+def _dir_lock(folder: Path, exclusive: bool) -> int | None:
+    """flock on the store folder itself (no lock file to leave behind): shared for writers (several
+    --shard processes write one store), exclusive for --overwrite. The open descriptor, or None when
+    another process holds a conflicting lock; -1 where the folder cannot be opened to lock it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        return fd
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
 
 
 def _du(folder: Path) -> tuple[int, int, int]:
@@ -350,9 +401,7 @@ def _du(folder: Path) -> tuple[int, int, int]:
 # ------------------------------------------------------------------------------------ probing helpers
 def _remote_exists(path: str) -> bool:
     try:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(str(path))
+        fs, root = _remote.filesystem(path)
         return fs.exists(root) and not (fs.isdir(root) and not fs.ls(root))
     except Exception:
         return True   # cannot tell: treat as present, so nothing is replaced unseen
@@ -365,9 +414,7 @@ def _root_attrs(path: str) -> dict | None:
         if local is not None:
             text = (local / "zarr.json").read_text()
         else:
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(str(path))
+            fs, root = _remote.filesystem(path)
             text = fs.cat_file(root.rstrip("/") + "/zarr.json").decode()
         attrs = json.loads(text).get("attributes", {})
         return attrs if isinstance(attrs, dict) else None
@@ -384,9 +431,7 @@ def _alien_entries(path: str) -> list[str]:
             inner = {n: [e.name for e in os.scandir(local / n)] for n, is_dir in top.items()
                      if is_dir and n in OWNED_ENTRIES}
         else:
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(str(path))
+            fs, root = _remote.filesystem(path)
             listing = fs.ls(root, detail=True)
             top = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["type"] == "directory" for e in listing}
             inner = {n: [x.rstrip("/").rsplit("/", 1)[-1] for x in fs.ls(root.rstrip("/") + "/" + n, detail=False)]
@@ -401,40 +446,85 @@ def _alien_entries(path: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ creation
-def _populate(store, spec: StoreSpec) -> None:
+def _populate(store, spec: StoreSpec, fresh: bool = True) -> None:
     """Write a new store's arrays, then its attributes in one final metadata write (format_version
     with them), so an interrupted creation never looks like a valid store; the marker attribute
-    goes first, so it is still provably chx's (and --overwrite may replace it)."""
+    goes first, so it is still provably chx's (and --overwrite may replace it).
+
+    fresh=False (object storage, nothing to replace): idempotent and never destructive, for several
+    writers that start at once without a lock: the group and each array are created only where
+    absent (an existing one must have the same shape and chunks, else ChxError), the small metadata
+    arrays are written whole (every writer of the same spec writes the same bytes; whole-object
+    writes are atomic on object storage) and the attributes are merged in last. Shard data and
+    done markers another writer has written meanwhile are never touched."""
     import zarr
 
     lay, (c, h, w) = spec.layout, spec.feature_shape
     n, s, k = lay.n_images, len(lay.study_ids), len(spec.class_names)
     v2 = spec.format_version >= 2
     enc = KEY_V2 if v2 else KEY_V1
-    g = zarr.open_group(store=store, mode="w", attributes={MARKER: True})
+    g = zarr.open_group(store=store, mode="w", attributes={MARKER: True}) if fresh else _shared_group(store)
+
+    def array(name, **kw):
+        if fresh:
+            return g.create_array(name, **kw)
+        from zarr.errors import ContainsArrayAndGroupError, ContainsArrayError, ContainsGroupError
+
+        try:
+            return g.create_array(name, **kw)
+        except (ContainsArrayError, ContainsGroupError, ContainsArrayAndGroupError):
+            pass
+        try:
+            a = g[name]
+            same = tuple(a.shape) == tuple(kw["shape"]) and tuple(a.chunks) == tuple(kw["chunks"])
+        except Exception:   # noqa: BLE001 - a group or broken metadata where the array belongs
+            same = False
+        if not same:
+            raise ChxError(f"feature store {store.path}: another writer is creating it with a different layout "
+                           f"(array {name!r}); run every writer with the same manifest, checkpoint and options, "
+                           f"or use --overwrite (with one writer) to replace it")
+        return a
+
     mc = lambda m: (max(1, min(m, META_CHUNK)),)  # noqa: E731
     stored = _codec.STORED_NUMPY[spec.dtype]
     for name in spec.feature_arrays:
-        g.create_array(name, shape=(n, c, h, w), dtype=stored, chunks=(1, c, h, w),
-                       shards=(spec.shard_images, c, h, w) if v2 else None, fill_value=0, chunk_key_encoding=enc,
-                       compressors="auto" if spec.compress else None)   # "auto": zarr's default, zstd
+        array(name, shape=(n, c, h, w), dtype=stored, chunks=(1, c, h, w),
+              shards=(spec.shard_images, c, h, w) if v2 else None, fill_value=0, chunk_key_encoding=enc,
+              compressors="auto" if spec.compress else None)   # "auto": zarr's default, zstd
     if v2:
         if _codec.has_scale(spec.dtype):
             nf = len(spec.feature_arrays)
-            g.create_array("scale", shape=(n, nf, c), dtype="float32", chunks=(1, nf, c),
-                           shards=(spec.shard_images, nf, c), fill_value=0, chunk_key_encoding=enc, compressors=None)
-        g.create_array("shard_done", shape=(spec.n_shards, len(DONE_FIELDS)), dtype="uint32",
-                       chunks=(1, len(DONE_FIELDS)), fill_value=0, chunk_key_encoding=enc, compressors=None)
+            array("scale", shape=(n, nf, c), dtype="float32", chunks=(1, nf, c),
+                  shards=(spec.shard_images, nf, c), fill_value=0, chunk_key_encoding=enc, compressors=None)
+        width = spec.done_record_width     # flag, shard checksums (+ per-row checksums: integrity >= 1)
+        array("shard_done", shape=(spec.n_shards, width), dtype="uint32",
+              chunks=(1, width), fill_value=0, chunk_key_encoding=enc, compressors=None)
     else:
-        g.create_array("done", shape=(n,), dtype="uint8", chunks=(1,), fill_value=0, chunk_key_encoding=enc,
-                       compressors=None)
+        array("done", shape=(n,), dtype="uint8", chunks=(1,), fill_value=0, chunk_key_encoding=enc,
+              compressors=None)
     for name, values, count in (("image_id", lay.image_ids, n), ("view", lay.views, n),
                                 ("split", lay.splits, n), ("study_id", lay.study_ids, s)):
-        a = g.create_array(name, shape=(count,), dtype=str, chunks=mc(count), chunk_key_encoding=enc)
+        a = array(name, shape=(count,), dtype=str, chunks=mc(count), chunk_key_encoding=enc)
         a[...] = np.asarray(values, dtype=object)
-    a = g.create_array("study_ptr", shape=(s + 1,), dtype="int64", chunks=(s + 1,), chunk_key_encoding=enc)
+    a = array("study_ptr", shape=(s + 1,), dtype="int64", chunks=(s + 1,), chunk_key_encoding=enc)
     a[...] = lay.study_ptr
-    a = g.create_array("labels", shape=(s, k), dtype="float32", chunks=(mc(s)[0], max(k, 1)),
-                       fill_value=float("nan"), chunk_key_encoding=enc)
+    a = array("labels", shape=(s, k), dtype="float32", chunks=(mc(s)[0], max(k, 1)),
+              fill_value=float("nan"), chunk_key_encoding=enc)
     a[...] = lay.labels
     g.attrs.update(spec.attrs())
+
+
+def _shared_group(store):
+    """The root group, created with the marker attribute only where it does not exist yet (never
+    replaced: another writer may have finished creating the store meanwhile)."""
+    import zarr
+    from zarr.errors import ContainsArrayAndGroupError, ContainsArrayError, ContainsGroupError
+
+    try:
+        return zarr.open_group(store=store, mode="r+")
+    except FileNotFoundError:
+        pass
+    try:
+        return zarr.create_group(store=store, attributes={MARKER: True})
+    except (ContainsGroupError, ContainsArrayError, ContainsArrayAndGroupError):
+        return zarr.open_group(store=store, mode="r+")

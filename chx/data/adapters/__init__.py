@@ -26,6 +26,7 @@ import polars as pl
 from chx.data.adapters import (brax, chexpert, covid, cxr_lt, cxr_lt_2026, iu_xray, mimic_cxr, nih,
                                padchest, table, vindr)
 from chx.data.adapters.common import AdapterOption
+from chx.data.classes import FROM_DATA
 from chx.errors import ChxError
 
 __all__ = ["ADAPTERS", "Adapter", "AdapterOption", "get_adapter", "merged_options",
@@ -36,32 +37,40 @@ __all__ = ["ADAPTERS", "Adapter", "AdapterOption", "get_adapter", "merged_option
 class Adapter:
     """A registered adapter: its ``chx prepare`` name, entry point, one-line ``--help`` summary,
     default ``--classes`` (a named list, or "data" for the dataset's own classes) and the options
-    it takes."""
+    it takes.
+
+    Every adapter defaults to the dataset's own classes ("data"), so a default manifest has no
+    class that no row can annotate; only the challenge tables default to their challenge's list
+    (cxr-lt: the 26 CXR-LT 2023 classes; cxr-lt-2026: its 30) and mimic-cxr, CXR-LT's source, to
+    the CXR-LT 2023 list so that its manifests combine with cxr-lt's (`chx prepare` warns about the
+    classes no row annotates)."""
 
     name: str
     prepare: Callable[..., pl.DataFrame]
     summary: str
-    default_classes: str = "cxr-lt-2023"
+    default_classes: str = FROM_DATA
     options: tuple[AdapterOption, ...] = ()
 
 
-def _adapter(module, summary: str, default_classes: str = "cxr-lt-2023") -> Adapter:
+def _adapter(module, summary: str, default_classes: str = FROM_DATA) -> Adapter:
     return Adapter(module.NAME, module.prepare, summary, default_classes, getattr(module, "OPTIONS", ()))
 
 
 ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
-    _adapter(cxr_lt, "CXR-LT 2023/2024 challenge CSVs (MIMIC-CXR-JPG paths, one 0/1 column per class)"),
+    _adapter(cxr_lt, "CXR-LT 2023/2024 challenge CSVs (MIMIC-CXR-JPG paths, one 0/1 column per class)",
+             "cxr-lt-2023"),
     _adapter(nih, "NIH ChestX-ray14 Data_Entry_2017*.csv (14 findings + No Finding)"),
     _adapter(chexpert, "CheXpert train.csv / valid.csv (14 labels; --uncertain sets what -1 becomes)"),
     _adapter(vindr, "VinDr-CXR train.csv, one row per image x reader x box (--min-readers)"),
     _adapter(iu_xray, "IU X-ray indiana_reports.csv + indiana_projections.csv (MeSH report findings)"),
-    _adapter(covid, "COVID-19 image data collection metadata.csv (diagnoses; own class list)", "data"),
-    _adapter(mimic_cxr, "MIMIC-CXR-JPG -chexpert/-negbio + -metadata (+ -split) CSVs (study labels)"),
+    _adapter(covid, "COVID-19 image data collection metadata.csv (diagnoses; own class list)"),
+    _adapter(mimic_cxr, "MIMIC-CXR-JPG -chexpert/-negbio + -metadata (+ -split) CSVs (study labels)",
+             "cxr-lt-2023"),
     _adapter(padchest, "PadChest PADCHEST_chest_x_ray_images_labels_160K*.csv (report labels)"),
     _adapter(cxr_lt_2026, "CXR-LT 2026 CSV (PadChest + NIH, 30 classes), optionally with their tables",
              "cxr-lt-2026"),
     _adapter(brax, "BRAX master_spreadsheet_update.csv (14 CheXpert labels; --uncertain)"),
-    _adapter(table, "any CSV/Parquet: --path-col, --study-col, ... name its columns", "data"),
+    _adapter(table, "any CSV/Parquet: --path-col, --study-col, ... name its columns"),
 )}
 
 

@@ -304,13 +304,44 @@ def _match(wanted: pl.DataFrame, files: pl.DataFrame, strip_ext: bool) -> pl.Dat
 
 
 def list_images(root: Path) -> pl.DataFrame:
-    """Every (non-hidden) file under ``root``, as a one-column table ``rel`` (posix, relative)."""
+    """Every (non-hidden) file under ``root``, as a one-column table ``rel`` (posix, relative).
+
+    Links to folders are followed, but each folder is listed once, by its (device, inode): the
+    real folders first, then linked ones not seen yet (so a link to a folder of the tree adds no
+    second name for its files). A link back into the walk (``a -> .``, a link to ``..`` or to any
+    folder holding the root, a bind mount of a parent) would list the tree forever: it is skipped."""
     rels: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        base = os.path.relpath(dirpath, root)
-        prefix = "" if base == "." else base.replace(os.sep, "/") + "/"
-        rels.extend(prefix + f for f in filenames if not f.startswith("."))
+    seen: set[tuple[int, int]] = set()
+    real_root = os.path.realpath(root)
+    pending = [(str(root), "")]            # folders to walk: (path, its name relative to root)
+    while pending:
+        top, top_rel = pending.pop(0)
+        if top_rel:
+            target = os.path.realpath(top)
+            if os.path.commonpath([real_root, target]) == target:
+                continue                    # a link to the root or a folder above it (`/` too)
+        for dirpath, dirnames, filenames in os.walk(top):
+            try:
+                st = os.stat(dirpath)
+            except OSError:
+                dirnames[:] = []
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            base = os.path.relpath(dirpath, top)
+            rel = top_rel + ("" if base == "." else base.replace(os.sep, "/") + "/")
+            keep = []
+            for d in sorted(dirnames):      # a deterministic walk: which name a linked folder gets
+                if d.startswith("."):
+                    continue
+                if os.path.islink(os.path.join(dirpath, d)):
+                    pending.append((os.path.join(dirpath, d), f"{rel}{d}/"))
+                else:
+                    keep.append(d)
+            dirnames[:] = keep
+            rels.extend(rel + f for f in filenames if not f.startswith("."))
     return pl.DataFrame({"rel": rels}, schema={"rel": pl.Utf8})
 
 
