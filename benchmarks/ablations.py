@@ -28,6 +28,14 @@ minutes on 2 CPU cores (stage 1 + extraction ~5.5 min, ~80 fusion runs ~12 min, 
 ~7 min); the joint row's time is its own, on top of the base row it starts from. --quick is a
 smoke run of every row at toy size (< 2 minutes; its numbers mean nothing). Writes
 OUT/ablations.md (the table) and OUT/ablations.json (every run and the aggregates).
+
+With --stage1 (issue 29: the later CXR-LT winners' stage-1 recipes against CheXFusion's) the table is
+of stage 1 alone: each row (:data:`STAGE1_ROWS`: the CSRA or linear head, the DB loss, plain ASL,
+CLAHE, coarse dropout, CSRA + DB) trains its own stage 1 per seed (seed 0, 1, 2: initialisation,
+order, augmentation) and is scored by the test split's image-level macro mAP with flip TTA, the
+delta paired by seed against the base row (ML-Decoder + weighted ASL, no CLAHE or dropout):
+
+    flock /tmp/chx-cpu.lock .venv/bin/python benchmarks/ablations.py --stage1 --out runs/ablations-stage1
 """
 
 from __future__ import annotations
@@ -83,6 +91,7 @@ class Row:
     name: str
     fusion: dict = field(default_factory=dict)   # FusionOptions fields changed from the base row
     joint: bool = False                          # train-joint from the base row's checkpoint
+    backbone: dict = field(default_factory=dict)  # BackboneOptions fields changed (--stage1 table)
 
     @property
     def key(self) -> str:
@@ -101,6 +110,18 @@ ROWS: tuple[Row, ...] = (
     Row("paper ablation", "no segment embedding", {"segment_embedding": False}),
     Row("paper ablation", "no view shuffle", {"shuffle": False}),
     Row("paper ablation", "neither", {"segment_embedding": False, "shuffle": False}),
+)
+
+STAGE1_BASE = Row("base", "stage 1: ML-Decoder head, weighted ASL (CheXFusion)")
+STAGE1_ROWS: tuple[Row, ...] = (
+    STAGE1_BASE,
+    Row("head", "CSRA (1 head, lambda 0.1)", backbone={"head": "csra"}),
+    Row("head", "linear (average pool + linear)", backbone={"head": "linear"}),
+    Row("loss", "distribution-balanced (DB)", backbone={"loss": "db"}),
+    Row("loss", "ASL without class weights", backbone={"loss": "asl"}),
+    Row("augmentation", "CLAHE", backbone={"clahe": True}),
+    Row("augmentation", "coarse dropout 0.1", backbone={"coarse_dropout": 0.1}),
+    Row("CXR-LT 2026 recipe", "CSRA + DB", backbone={"head": "csra", "loss": "db"}),
 )
 
 
@@ -203,13 +224,39 @@ def run_joint(data: Data, base: Path, out: Path, scale: Scale, seed: int) -> flo
     return result["mAP"]
 
 
+def run_stage1(row: Row, data: Data, out: Path, scale: Scale, seed: int) -> float:
+    """Train the row's stage 1 (its own, this seed); the test split's image-level macro mAP (flip TTA)."""
+    import polars as pl
+
+    from chx.data.datasets import ImageDataset, label_matrix
+    from chx.data.manifest import class_columns, read_manifest
+    from chx.data.transforms import Preprocess
+    from chx.engine.inference import predict_images
+    from chx.metrics import summarize
+    from chx.models import load_checkpoint, load_model
+    from chx.options import BackboneOptions, TrainConfig
+    from chx.pipeline.train_backbone import train_backbone
+
+    opts = replace(BackboneOptions(model=scale.model, size=scale.size, pretrained=False), **row.backbone)
+    train_backbone([data.manifest], [data.images], out, opts,
+                   TrainConfig(epochs=scale.backbone_epochs, lr=BACKBONE_LR, batch_size=BATCH, workers=1,
+                               seed=seed, val_every=1.0, warmup=0.1, max_steps=scale.max_steps, device="cpu"),
+                   overwrite=True)
+    ckpt = load_checkpoint(out / "best.pt", kind="backbone")
+    df = read_manifest(data.manifest).filter(pl.col("split") == "test")
+    classes = class_columns(df)
+    ds = ImageDataset(df, data.images, Preprocess.from_dict(ckpt["preprocess"]), classes=classes)
+    probs = predict_images(load_model(ckpt), ds, workers=1, tta=True, show_progress=False)
+    return summarize(probs, label_matrix(df, classes), classes)["mAP"]
+
+
 def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
-def aggregate(runs: list[dict]) -> list[dict]:
+def aggregate(runs: list[dict], base_key: str = BASE.key) -> list[dict]:
     """Per (data, row): mAP and paired delta vs base (mean, sd over seeds), mean seconds per run."""
-    base = {(r["data"], r["seed"]): r["mAP"] for r in runs if r["row"] == BASE.key}
+    base = {(r["data"], r["seed"]): r["mAP"] for r in runs if r["row"] == base_key}
     rows = []
     for key in dict.fromkeys((r["data"], r["row"]) for r in runs):
         mine = [r for r in runs if (r["data"], r["row"]) == key]
@@ -220,23 +267,27 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], data: list[Data], scale: Scale, total_s: float) -> str:
+def markdown(rows: list[dict], data: list[Data], scale: Scale, total_s: float, stage1: bool = False) -> str:
     import torch
 
     smoke = "SMOKE RUN (--quick): toy sizes, the numbers mean nothing. " if scale == QUICK else ""
-    lines = [f"{smoke}Test-split study mAP, mean +- sd over {scale.seeds} seeds (stage 2 and joint seeds; "
-             f"stage 1 shared). {date.today()}, {platform.machine()}, torch {torch.__version__}, "
+    what = ("Test-split image mAP of stage 1 (flip TTA), mean +- sd over {n} seeds (each row trains its own "
+            "stage 1 per seed)." if stage1 else
+            "Test-split study mAP, mean +- sd over {n} seeds (stage 2 and joint seeds; stage 1 shared).")
+    base_key = STAGE1_BASE.key if stage1 else BASE.key
+    lines = [f"{smoke}{what.format(n=scale.seeds)} {date.today()}, {platform.machine()}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; whole table {total_s / 60:.1f} min.",
              f"Sizes: {scale.studies} demo studies at {scale.size} px, stage 1 {scale.model} "
              f"{scale.backbone_epochs:g} epochs, fusion D {scale.fusion_dim} / FFN {scale.fusion_ffn} "
              f"{scale.fusion_epochs:g} epochs, joint {scale.joint_epochs:g} epoch(s).", "",
              "| data | row | test mAP | delta vs base (paired) | s / run |", "|---|---|---:|---:|---:|"]
     for r in rows:
-        delta = "" if r["row"] == BASE.key else f"{r['delta']:+.3f} +- {r['delta_sd']:.3f}"
+        delta = "" if r["row"] == base_key else f"{r['delta']:+.3f} +- {r['delta_sd']:.3f}"
         lines.append(f"| {r['data']} | {r['row']} | {r['mAP']:.3f} +- {r['mAP_sd']:.3f} | {delta} | "
                      f"{r['seconds']:.1f} |")
-    lines += ["", "Shared per data set (stage 1 + extraction, once): "
-              + ", ".join(f"{d.name} {d.shared_s:.0f} s (at most {d.most_views} views per study)" for d in data)]
+    if not stage1:
+        lines += ["", "Shared per data set (stage 1 + extraction, once): "
+                  + ", ".join(f"{d.name} {d.shared_s:.0f} s (at most {d.most_views} views per study)" for d in data)]
     return "\n".join(lines) + "\n"
 
 
@@ -247,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", type=Path, default=None, help="Work folder (default: a new temp folder).")
     p.add_argument("--data", nargs="+", default=["demo", "demo-4view", "covid"],
                    choices=["demo", "demo-4view", "covid"], help="Data sets to run.")
+    p.add_argument("--stage1", action="store_true",
+                   help="The stage-1 table (heads, losses, augmentations; issue 29) instead of the fusion one.")
     args = p.parse_args(argv)
     from chx.atomic import atomic_path
 
@@ -256,6 +309,16 @@ def main(argv: list[str] | None = None) -> dict:
     runs, done = [], []
     for name in args.data:
         data = make_data(name, work, scale)
+        if args.stage1:
+            done.append(data)
+            for seed in range(scale.seeds):
+                for i, row in enumerate(STAGE1_ROWS):
+                    t = time.perf_counter()
+                    score = run_stage1(row, data, work / name / f"seed{seed}" / f"stage1-row{i}", scale, seed)
+                    runs.append({"data": name, "row": row.key, "seed": seed, "mAP": score,
+                                 "seconds": time.perf_counter() - t})
+                    print(f"  seed {seed} | {row.key}: mAP {score:.3f} ({runs[-1]['seconds']:.0f} s)", flush=True)
+            continue
         shared_stages(data, work, scale)
         done.append(data)
         print(f"{name}: stage 1 + extraction {data.shared_s:.0f} s; at most {data.most_views} views", flush=True)
@@ -273,8 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "seconds": time.perf_counter() - t})
                 print(f"  seed {seed} | {row.key}: mAP {score:.3f} ({runs[-1]['seconds']:.0f} s)", flush=True)
     total = time.perf_counter() - t0
-    table = aggregate(runs)
-    text = markdown(table, done, scale, total)
+    table = aggregate(runs, STAGE1_BASE.key if args.stage1 else BASE.key)
+    text = markdown(table, done, scale, total, stage1=args.stage1)
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "ablations.md") as tmp:
         Path(tmp).write_text(text)

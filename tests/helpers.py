@@ -41,3 +41,23 @@ def run_chx(capsys, *args) -> tuple[int, str, str]:
 
 
 TINY = ["--model", "test_convnext", "--size", "64", "--no-pretrained", "--workers", "0"]
+
+
+def nih_subset(root: Path, nih_manifest: Path, train: int = 30, val: int = 10):
+    """A private copy of the first ``train`` + ``val`` real NIH images (for tests that break them)
+    and its manifest ``root/ok.parquet``; returns (images folder, manifest table)."""
+    import shutil
+
+    import polars as pl
+
+    from chx.data.manifest import read_manifest, write_manifest
+
+    images = root / "images"
+    images.mkdir()
+    df = read_manifest(nih_manifest)
+    df = pl.concat([df.filter(pl.col("split") == "train").head(train),
+                    df.filter(pl.col("split") == "val").head(val)])
+    for p in df["path"]:
+        shutil.copy(shared_path("nih-64px", "images", p), images / p)
+    write_manifest(df, root / "ok.parquet")
+    return images, df

@@ -89,7 +89,22 @@ def test_only_the_cli_knows_click():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n == "click" or n.startswith("click.") for n in names):
                 users.append(module_name(path))
-    assert sorted(set(users)) == ["chx.cli"]
+    assert sorted(set(users)) == sorted(CLI_MODULES)
+
+
+# The CLI's modules: parsing and printing only.
+CLI_MODULES = {m for m in MODULES if within(m, "chx.cli")}
+# What the CLI may import: the stages (chx.pipeline) and the plain modules beside them; never data,
+# models, store or engine directly (it reaches them through pipeline functions).
+CLI_MAY_IMPORT = ("chx.pipeline", "chx.options", "chx.errors", "chx.config", "chx.atomic", "chx.workers")
+
+
+def test_cli_reaches_data_models_and_store_only_through_the_pipeline():
+    assert "chx.cli" in CLI_MODULES and any("chx.pipeline.prepare" in MODULES[m] for m in CLI_MODULES)
+    bad = {m: sorted(i for i in MODULES[m] if i != "chx" and not any(within(i, p) for p in CLI_MAY_IMPORT)
+                     and i not in CLI_MODULES and not any(within(i, c) for c in CLI_MODULES))
+           for m in CLI_MODULES}
+    assert not {m: v for m, v in bad.items() if v}
 
 
 CANONICAL = {"PA", "AP", "LATERAL", "LL", "OTHER"}

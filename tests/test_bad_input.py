@@ -14,21 +14,14 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from chx.data.manifest import read_manifest, write_manifest
-from helpers import TINY, run_chx, shared_path
+from helpers import TINY, nih_subset, run_chx, shared_path
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, nih_manifest):
     """A small valid manifest over a private copy of 40 real NIH images (which the cases break)."""
     root = tmp_path_factory.mktemp("bad")
-    images = root / "images"
-    images.mkdir()
-    df = read_manifest(nih_manifest)
-    df = pl.concat([df.filter(pl.col("split") == "train").head(30), df.filter(pl.col("split") == "val").head(10)])
-    for p in df["path"]:
-        shutil.copy(shared_path("nih-64px", "images", p), images / p)
-    write_manifest(df, root / "ok.parquet")
+    images, df = nih_subset(root, nih_manifest)
     return {"root": root, "images": images, "df": df}
 
 

@@ -10,7 +10,6 @@ process waited forever for workers that ignored the SIGTERM of Python's exit (ch
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +19,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from chx.data.manifest import read_manifest, write_manifest
-from helpers import ROOT, shared_path
+from chx.data.manifest import write_manifest
+from helpers import ROOT, nih_subset, shared_path
 
 TIMEOUT = 120
 MODEL = ["--model", "test_convnext", "--size", "64", "--no-pretrained"]
@@ -98,17 +97,11 @@ def data(tmp_path_factory, nih_manifest):
     from chx.pipeline.train_fusion import FusionOptions, train_fusion
 
     root = tmp_path_factory.mktemp("cli")
-    images = root / "images"
-    images.mkdir()
-    df = read_manifest(nih_manifest)
-    df = pl.concat([df.filter(pl.col("split") == "train").head(30), df.filter(pl.col("split") == "val").head(10)])
-    for p in df["path"]:
-        shutil.copy(shared_path("nih-64px", "images", p), images / p)
+    images, df = nih_subset(root, nih_manifest)
     (images / "bad").mkdir()
     good = images / df["path"][0]
     for kind, make in BAD.items():
         (images / "bad" / f"{kind}.png").write_bytes(make(good))
-    write_manifest(df, root / "ok.parquet")
     cfg = TrainConfig(epochs=1, max_steps=2, batch_size=8, workers=0, device="cpu")
     train_backbone([root / "ok.parquet"], [images], root / "backbone",
                    BackboneOptions(model="test_convnext", size=64, pretrained=False), cfg)

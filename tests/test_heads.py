@@ -23,7 +23,7 @@ def _csra_by_the_formula(head: CSRAHead, fmap: torch.Tensor) -> torch.Tensor:
     b_, c_, h_, w_ = fmap.shape
     out = torch.zeros(b_, head.classifiers[0].weight.shape[0], dtype=torch.float64)
     for conv, t in zip(head.classifiers, head.temperatures):
-        m = conv.weight[:, :, 0, 0].double()
+        m = conv.weight[:, :, 0, 0].detach().double()
         for b in range(b_):
             xs = [fmap[b, :, y, x].double() for y in range(h_) for x in range(w_)]
             for i in range(m.shape[0]):
@@ -148,14 +148,30 @@ def test_explain_attention_works_with_csra_and_refuses_linear(csra_run, tmp_path
     path = sorted(images.glob("*.png"))[0]
     explainer = ImageExplainer.load(out / "best.pt", device="cpu", method="attention")
     expl = explainer.explain_study("s", [path], ["PA"], ["i"])
+    k = len(explainer.class_names)
     grid = expl.views[0].grid
-    assert grid.shape[0] == 3 and abs(float(grid[0].sum()) - 1.0) < 1e-4
+    assert grid.shape[0] == k and abs(float(grid[0].sum()) - 1.0) < 1e-4
     # a linear head: one line naming the method that works
     ckpt = load_checkpoint(out / "best.pt", kind="backbone")
-    linear = create_model("backbone", backbone_name="test_convnext", num_classes=3, head="linear")
+    linear = create_model("backbone", backbone_name="test_convnext", num_classes=k, head="linear")
     with pytest.raises(ChxError, match="--method grad-cam"):
         ImageExplainer(linear, explainer.pre, ckpt["class_names"], torch.device("cpu")).explain_study(
             "s", [path], ["PA"], ["i"])
     expl = ImageExplainer(linear, explainer.pre, ckpt["class_names"], torch.device("cpu"),
                           method="grad-cam").explain_study("s", [path], ["PA"], ["i"])
-    assert expl.views[0].grid.shape[0] == 3
+    assert expl.views[0].grid.shape[0] == k
+
+
+@pytest.mark.parametrize("head", ["csra", "linear"])
+def test_a_joint_model_takes_a_backbone_of_any_head(head):
+    from chx.models.fusion import FusionModel
+    from chx.models.joint import JointModel
+
+    torch.manual_seed(0)
+    image = create_model("backbone", backbone_name="test_convnext", num_classes=3, head=head)
+    fusion = FusionModel(in_dim=image.feature_dim, num_classes=3, dim=32, heads=4, ffn_dim=64)
+    joint = JointModel(image, fusion)
+    again = JointModel.from_config(joint.config)
+    again.load_state_dict(joint.state_dict())
+    assert type(again.image.head) is type(image.head)
+    assert not any(p.requires_grad for p in again.image.head.parameters())

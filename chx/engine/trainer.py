@@ -36,7 +36,7 @@ from chx.engine.distributed import Distributed, setup_distributed
 from chx.engine.inference import on_device
 from chx.errors import ChxError
 from chx.models import load_checkpoint, save_checkpoint
-from chx.options import TrainConfig
+from chx.options import TrainConfig, resume_rule
 from chx import workers
 
 
@@ -114,11 +114,11 @@ def warn(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-# Options that may change on --resume: they do not change what is computed ...
-RESUMABLE_CHANGES = {"workers", "device", "log_every", "max_steps", "progress_every", "nonfinite",
-                     "eval_batch_size", "preload", "grad_checkpointing", "tensorboard"}
-# ... and one that is applied, with a warning: more (or fewer) epochs stretch the LR schedule.
-APPLIED_ON_RESUME = {"epochs"}
+# Options that may change on --resume: they do not change what is computed (declared with
+# on_resume="free" in chx.options) ...
+RESUMABLE_CHANGES = resume_rule("free")
+# ... and those applied, with a warning (on_resume="applied": more or fewer epochs stretch the LR schedule).
+APPLIED_ON_RESUME = resume_rule("applied")
 
 
 class RunFolder:

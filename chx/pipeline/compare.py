@@ -28,12 +28,14 @@ from chx.errors import ChxError
 from chx.metrics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, DEFAULT_GROUPS, FEW_POSITIVES, difference_interval,
                          paired_bootstrap, summarize)
 from chx.models import load_checkpoint, load_model
+from chx.options import CompareOptions
 from chx.pipeline.aggregate import METHODS, aggregate_by_study
 from chx.pipeline.report import fmt, fmt_ci
 
 
 def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, store: str,
-                    split: str = "val", *, workers: int = 2, batch_size: int = 16,
+                    split: str = CompareOptions.split, *, workers: int = CompareOptions.workers,
+                    batch_size: int = CompareOptions.batch_size,
                     groups=DEFAULT_GROUPS, bootstrap: int = BOOTSTRAP_RESAMPLES,
                     class_sets: dict[str, list[str]] | None = None) -> dict[str, dict]:
     """Return {method: metrics summary (+ ``n_studies``)} for the stage-1 aggregations and fusion.

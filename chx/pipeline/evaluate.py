@@ -27,6 +27,7 @@ from chx.engine.inference import load_backbone, predict_images, store_study_prob
 from chx.engine.joint import predict_study_images
 from chx.errors import ChxError
 from chx.metrics import BOOTSTRAP_RESAMPLES, DEFAULT_GROUPS, evaluate_scores, tune_thresholds
+from chx.options import EvaluateOptions
 from chx.models import load_checkpoint, load_model
 from chx.pipeline.report import check_report_folder, write_report
 
@@ -75,9 +76,11 @@ def evaluate(checkpoint: Path, out: Path, *, overwrite: bool = False, **options)
 
 
 def _evaluate(checkpoint: Path, out: Path, *, store: str | None = None, manifest: Path | None = None,
-             images: Path | None = None, split: str = "test", thresholds_from: str | None = "val",
-             groups: str = DEFAULT_GROUPS, views: str = "all", batch_size: int = 16, workers: int = 2,
-             overwrite: bool = False, absent_classes: str = "skip",
+             images: Path | None = None, split: str = EvaluateOptions.split,
+             thresholds_from: str | None = EvaluateOptions.thresholds_from, groups: str = DEFAULT_GROUPS,
+             views: str = EvaluateOptions.views, batch_size: int = EvaluateOptions.batch_size,
+             workers: int = EvaluateOptions.workers, overwrite: bool = False,
+             absent_classes: str = EvaluateOptions.absent_classes,
              bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict:
     ckpt = load_checkpoint(checkpoint)
     kind = ckpt.get("kind")

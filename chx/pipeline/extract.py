@@ -48,10 +48,14 @@ class ExtractResult:
     images_per_s: float
 
 
-def parse_shard(shard: str | None) -> tuple[int, int]:
-    """'i/n' -> (i, n); torchrun's RANK/WORLD_SIZE when not given."""
+def parse_shard(shard: str | None, env=None) -> tuple[int, int]:
+    """'i/n' -> (i, n); torchrun's RANK/WORLD_SIZE when not given; 'auto': a SLURM array task's
+    (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT), else torchrun's, else ChxError."""
+    env = os.environ if env is None else env
     if shard is None:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    if shard.strip().lower() == "auto":
+        return _auto_shard(env)
     try:
         i, n = (int(x) for x in shard.split("/"))
     except ValueError:
@@ -59,6 +63,39 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n):
         raise ChxError(f"--shard {shard}: i must be in 0..n-1 (e.g. 0/{max(n, 2)} .. {max(n, 2) - 1}/{max(n, 2)})")
     return i, n
+
+
+def _auto_shard(env) -> tuple[int, int]:
+    """--shard auto. SLURM arrays: task ids run from SLURM_ARRAY_TASK_MIN (not always 0, e.g.
+    --array=1-8) with step SLURM_ARRAY_TASK_STEP (--array=0-15:2), SLURM_ARRAY_TASK_COUNT tasks in
+    all; an id list (--array=1,4,9) has no fixed step, so it is refused. Else torchrun's RANK/WORLD_SIZE."""
+    def number(name):
+        try:
+            return int(env[name])
+        except ValueError:
+            raise ChxError(f"--shard auto: {name}={env[name]!r} is not a whole number") from None
+
+    if env.get("SLURM_ARRAY_TASK_ID") not in (None, ""):
+        if env.get("SLURM_ARRAY_TASK_COUNT") in (None, ""):
+            raise ChxError("--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not; run it "
+                           "as a SLURM array job (sbatch --array=0-N) or give --shard i/n")
+        task, count = number("SLURM_ARRAY_TASK_ID"), number("SLURM_ARRAY_TASK_COUNT")
+        low = number("SLURM_ARRAY_TASK_MIN") if env.get("SLURM_ARRAY_TASK_MIN") not in (None, "") else 0
+        step = number("SLURM_ARRAY_TASK_STEP") if env.get("SLURM_ARRAY_TASK_STEP") not in (None, "") else 1
+        i, rest = divmod(task - low, max(step, 1))
+        if count < 1 or rest or not 0 <= i < count:
+            raise ChxError(f"--shard auto: SLURM array task {task} is not one of {count} evenly spaced tasks from "
+                           f"{low} (step {step}); use --array=0-{max(count - 1, 0)} (a range, not a list) or give "
+                           f"--shard i/n")
+        return i, count
+    if env.get("RANK") not in (None, "") and env.get("WORLD_SIZE") not in (None, ""):
+        i, n = number("RANK"), number("WORLD_SIZE")
+        if n < 1 or not 0 <= i < n:
+            raise ChxError(f"--shard auto: RANK={i} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={n})")
+        return i, n
+    raise ChxError("--shard auto: neither a SLURM array task (SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT) nor "
+                   "torchrun (RANK/WORLD_SIZE) is set; run it as a SLURM array task or under torchrun, or give "
+                   "--shard i/n")
 
 
 @contextlib.contextmanager

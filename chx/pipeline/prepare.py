@@ -6,9 +6,9 @@ from pathlib import Path
 
 import polars as pl
 
-from chx.data.adapters import get_adapter
-from chx.data.classes import frequency_groups, resolve_classes
-from chx.data.manifest import summarize, validate, write_manifest
+from chx.data.adapters import ADAPTERS, get_adapter, merged_options, refuse_foreign_options
+from chx.data.classes import NAMED_CLASS_LISTS, frequency_groups, resolve_classes
+from chx.data.manifest import images_root, recorded_images_root, summarize, validate, write_manifest
 from chx.data.splits import assign_splits
 from chx.data.views import VIEWS
 
@@ -46,3 +46,46 @@ def prepare(dataset: str, sources: list[Path], out: Path, *, classes: str | None
     summary["groups"] = frequency_groups(train["positives"], train["annotated"])
     summary["notes"] = notes
     return summary
+
+
+# What the command line shows of the adapters (chx.data.adapters declares them; the CLI lists them).
+
+def adapter_listing() -> str:
+    """One line per adapter: its name and summary (for `chx prepare --help`)."""
+    return "\n".join(f"      {name:<12} {a.summary}" for name, a in ADAPTERS.items())
+
+
+def adapter_options() -> list:
+    """Every adapter option once, with the adapters that take it (:func:`merged_options`)."""
+    return merged_options()
+
+
+def classes_help() -> str:
+    """The help of `chx prepare --classes`: the named lists and each adapter's default."""
+    others = {}
+    for name, a in ADAPTERS.items():
+        if a.default_classes != "data":
+            others.setdefault(a.default_classes, []).append(name)
+    defaults = "".join(f"; {d} for {', '.join(names)}" for d, names in others.items())
+    return (f"Target class list: a named list ({', '.join(NAMED_CLASS_LISTS)}), 'data' (the dataset's own "
+            f"classes), a comma-separated list, or a file with one class per line.  "
+            f"[default: data{defaults}]")
+
+
+def check_adapter(dataset: str, given: list[str]):
+    """The adapter ``dataset`` (one line when unknown), refusing options the user gave that it does
+    not take (``given``: their names)."""
+    adapter = get_adapter(dataset)
+    refuse_foreign_options(dataset, given)
+    return adapter
+
+
+def images_of(manifest, images, *, required: bool = True):
+    """``images`` (--images) when given, else the images root ``manifest`` records (`chx prepare
+    --images`; one line when it records none or it no longer exists). ``required=False``: None when
+    it records none."""
+    if manifest is None or images:
+        return images
+    if not required and recorded_images_root(manifest) is None:
+        return images
+    return images_root(manifest)

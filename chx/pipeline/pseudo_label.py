@@ -15,10 +15,12 @@ from chx.data.transforms import Preprocess
 from chx.engine.compat import require_same_classes
 from chx.engine.distributed import resolve_device
 from chx.engine.inference import load_backbone, predict_images
+from chx.options import PseudoLabelOptions
 
 
-def pseudo_label(checkpoint: Path, manifest: Path, images: Path, out: Path, *, tta: bool = True,
-                 batch_size: int = 16, workers: int = 2, device: str = "auto") -> dict:
+def pseudo_label(checkpoint: Path, manifest: Path, images: Path, out: Path, *,
+                 tta: bool = PseudoLabelOptions.tta, batch_size: int = PseudoLabelOptions.batch_size,
+                 workers: int = PseudoLabelOptions.workers, device: str = PseudoLabelOptions.device) -> dict:
     model, ckpt = load_backbone(checkpoint)
     df = read_manifest(manifest)
     classes = class_columns(df)

@@ -101,16 +101,18 @@ def create_store(path, *, image_ids: Sequence[str], study_ids: Sequence[str], vi
             if not overwrite:
                 raise
             cls.create(path, spec, replace=True)
-        return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
+        return _reopen_shared(cls, path, spec, image_ids, study_ids, views, splits, labels, explicit)
     try:
         created = cls.create(path, spec, replace=(state != "absent"))
     except OSError as e:   # an unwritable or missing folder, a full disk: the user's to fix
         raise ChxError(f"could not create feature store {path}: {e.strerror or e}; choose another store path, "
                        f"or fix the folder (permissions, free space)") from None
-    if not created or local_path(path) is None:
-        # Another process created it meanwhile, or object storage, where several writers may have
-        # created it at once: the same checks as a resume (an identical layout is accepted).
+    if not created:   # another process created it meanwhile: same checks as a resume
         return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
+    if local_path(path) is None:
+        # Object storage, where several writers may have created it at once: the same checks as a
+        # resume (an identical layout is accepted, anything else refused).
+        return _reopen_shared(cls, path, spec, image_ids, study_ids, views, splits, labels, explicit)
     return open_store(path, "r+")
 
 
@@ -135,6 +137,19 @@ def _spec(image_ids, study_ids, views, splits, labels, class_names, feature_shap
     return StoreSpec(layout=layout, class_names=classes, feature_shape=shape,
                      fingerprint=normalise_fingerprint(fingerprint), flip=bool(flip), dtype=dtype,
                      compress=bool(compress), format_version=version, shard_images=s)
+
+
+def _reopen_shared(cls, path, spec, image_ids, study_ids, views, splits, labels, explicit) -> FeatureStore:
+    """_reopen after an idempotent creation on object storage. A writer that started creating at
+    the same time can still overwrite the finished root group with its first, marker-only version
+    (a check-then-write gap of one request): then the creation is simply written again, once."""
+    try:
+        return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
+    except ChxError:
+        if cls.probe(path)[0] != "creating":
+            raise
+    cls.create(path, spec, replace=False)
+    return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
 
 
 def _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit) -> FeatureStore:

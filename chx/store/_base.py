@@ -216,7 +216,9 @@ class FeatureStore:
         """What `path` holds now, with a reason: 'absent' (nothing, or an empty folder), 'store' (a
         usable chx store), 'damaged' (provably a chx store, but broken or half-made: --overwrite may
         replace it), 'busy' (in use by another process that the backend cannot share it with: never
-        replaced, not reopened) or 'foreign' (anything else: never replaced)."""
+        replaced, not reopened), 'creating' (object storage: provably chx's, its creation not finished
+        yet - another writer is making it, or one was interrupted; create_store joins it idempotently)
+        or 'foreign' (anything else: never replaced)."""
         raise NotImplementedError
 
     @classmethod

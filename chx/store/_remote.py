@@ -6,7 +6,7 @@ Credentials and the endpoint come from the filesystem's usual configuration; for
 non-AWS server (MinIO, Ceph, moto), ``AWS_DEFAULT_REGION``. chx bounds every S3 call: connect
 timeout ``CHX_S3_CONNECT_TIMEOUT`` (default 5 s), read timeout ``CHX_S3_READ_TIMEOUT`` (60 s), and
 ``CHX_S3_RETRIES`` attempts (3) for botocore and s3fs each, so a wrong endpoint fails in seconds,
-not minutes. Before a store is opened or created its bucket is checked once: a bucket that does
+not minutes; listings are never cached (other writers add shards meanwhile). Before a store is opened or created its bucket is checked once: a bucket that does
 not exist, refused credentials and an unreachable endpoint are each one ChxError line.
 """
 
@@ -46,7 +46,9 @@ def storage_options(path) -> dict:
     """fsspec options chx passes for this URL: bounded timeouts and retries for S3; none elsewhere."""
     if protocol(path) not in S3_PROTOCOLS:
         return {}
-    return {"config_kwargs": {"connect_timeout": _env_number("CHX_S3_CONNECT_TIMEOUT", 5.0),
+    # No listing cache: other writers add shards all the time, and a done marker is found by listing.
+    return {"use_listings_cache": False,
+            "config_kwargs": {"connect_timeout": _env_number("CHX_S3_CONNECT_TIMEOUT", 5.0),
                               "read_timeout": _env_number("CHX_S3_READ_TIMEOUT", 60.0),
                               "retries": {"max_attempts": retries(), "mode": "standard"}}}
 

@@ -192,7 +192,12 @@ class ZarrFeatureStore(FeatureStore):
             raise ChxError(f"feature store {self.path}: cannot read its attributes ({e}); {HINT_RECREATE}") from None
 
     def _set_attrs(self, attrs: dict) -> None:
-        self._group.attrs.update(attrs)
+        # One metadata write, merged into the attributes as stored now (not zarr's attrs.update,
+        # which writes once per key from this handle's cached copy: other writers' changes lost,
+        # and half-updated attributes visible in between).
+        import zarr
+
+        self._group = zarr.open_group(store=self._zstore, mode="r+").update_attributes(attrs)
 
     def _open_arrays(self, names: list[str]) -> None:
         for name in names:
@@ -511,7 +516,10 @@ def _populate(store, spec: StoreSpec, fresh: bool = True) -> None:
     a = array("labels", shape=(s, k), dtype="float32", chunks=(mc(s)[0], max(k, 1)),
               fill_value=float("nan"), chunk_key_encoding=enc)
     a[...] = lay.labels
-    g.attrs.update(spec.attrs())
+    if fresh:
+        g.update_attributes(spec.attrs())       # one write, the last one
+    else:                                       # merged into what is stored now, in one write
+        zarr.open_group(store=store, mode="r+").update_attributes(spec.attrs())
 
 
 def _shared_group(store):

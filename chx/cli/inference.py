@@ -1,0 +1,183 @@
+"""Models for use: `chx export`, `chx import-reference`, `chx predict`, `chx explain`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from chx.cli._base import CONTEXT, _images_of, _option_specs, _refuse_existing, _values_then_extras, cli
+from chx.cli.options import options
+from chx.errors import ChxError
+from chx.options import ExplainOptions, ExportOptions, ImportReferenceOptions, PredictOptions
+
+
+@cli.command("export", context_settings=CONTEXT,
+             short_help="Both models for predict: one file, a Hugging Face folder or ONNX graphs.")
+@options(o=ExportOptions)
+def export(o: ExportOptions):
+    """Export both models' weights, the class names and the preprocessing for `chx predict` and
+    other tools. Everything loads offline; nothing is uploaded (push an hf folder with your own tools).
+
+    \b
+    Examples:
+      chx export --backbone runs/b/best.pt --fusion runs/f/best.pt -o model.chx
+      chx export --joint runs/j/best.pt -o model.chx
+      chx export --backbone runs/b/best.pt --fusion runs/f/best.pt --format hf -o model-hf
+      chx export --backbone runs/b/best.pt --fusion runs/f/best.pt --format onnx -o model-onnx
+    """
+    from chx.pipeline import export as stage
+
+    fmt, backbone, fusion, joint = o.fmt, o.backbone, o.fusion, o.joint
+    out = o.out or Path({"bundle": "model.chx", "hf": "model-hf", "onnx": "model-onnx"}[fmt])
+    _refuse_existing(out, o.overwrite, {"bundle": "bundle", "hf": "export-hf", "onnx": "export-onnx"}[fmt])
+    if fmt == "bundle":
+        b = stage.export_bundle(backbone, fusion, out, joint=joint)
+    elif fmt == "hf":
+        specs = {name: _option_specs(command) for name, command in cli.commands.items()}
+        b = stage.export_hf(backbone, fusion, out, specs, joint=joint)
+    else:
+        r = stage.export_onnx(backbone, fusion, out, joint=joint)
+        b = r["bundle"]
+        click.echo(f"checked: ONNX Runtime's probabilities are within {r['max_abs_diff']:.1e} of torch's")
+    click.echo(f"wrote {out}: {len(b['class_names'])} classes, backbone "
+               f"{b['backbone']['model_config']['backbone_name']} at {b['backbone']['preprocess']['size']} px")
+
+
+@cli.command("import-reference", context_settings=CONTEXT,
+             short_help="A CheXFusion reference checkpoint -> a chx checkpoint.")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@options(o=ImportReferenceOptions)
+def import_reference(ckpt, o: ImportReferenceOptions):
+    """Convert a checkpoint of the CheXFusion reference code (its Lightning key layout) into a
+    chx checkpoint for evaluate, extract-features, export and as a start for fine-tuning.
+
+    Every key is mapped or dropped for a stated reason (printed); anything else is refused by name.
+    The reference's positional encoding is not reproduced, so an imported head gives other logits
+    than the reference until it is fine-tuned; backbone feature maps are the reference's exactly.
+    Preprocessing: the reference's 1024 px squash, its ImageNet normalisation folded into the stem.
+
+    \b
+    Example:
+      chx import-reference epoch=5.ckpt --kind backbone --classes cxr-lt-2023 -o runs/ref-b/best.pt
+    """
+    from chx.pipeline.tools import import_reference as run
+
+    _refuse_existing(o.out, o.overwrite, "checkpoint")
+    r = run(ckpt, o.kind, o.classes, o.backbone_name, o.out)
+    for what, why in r["dropped"].items():
+        click.echo(f"dropped {what}: {why}")
+    click.echo(f"wrote {o.out}: {o.kind} checkpoint, {r['classes']} classes")
+
+
+@cli.command("predict", context_settings=CONTEXT, short_help="Study probabilities for new images.")
+@options(o=PredictOptions)
+@click.argument("more_files", nargs=-1, type=click.Path(path_type=Path), metavar="")
+def predict(o: PredictOptions, more_files):
+    """Run stage 1 + fusion end to end on new studies, with training's preprocessing; deterministic.
+
+    Views (PA, AP, LATERAL, LL, OTHER) matter to the fusion model as in training: a manifest's view
+    column; for image files --views, else a DICOM's ViewPosition, else a view word in the file name
+    (whole words of letters, any case: pa, ap, lateral, lat, ll, frontal = PA; view2_lateral.jpg ->
+    LATERAL, s1-PA.png -> PA), else OTHER, with a warning when the model uses views.
+
+    \b
+    Examples:
+      chx predict --bundle model.chx --files frontal.dcm lateral.dcm --study-id s1 -o s1.csv
+      chx predict --bundle model.chx --files a.png b.png --views PA,LATERAL -o s1.csv
+      chx predict --bundle model.chx --studies new-studies/ -o predictions.csv
+      chx predict --bundle model.chx --manifest m.parquet --images imgs/ --split test -o test.csv
+      chx predict --bundle model-onnx --runtime onnxruntime --studies new-studies/ -o predictions.csv
+    """
+    from chx.pipeline.predict import check_manifest_file, collect_inputs, load_predictor
+    from chx.pipeline.predict import predict as run
+
+    from chx.pipeline.predict import output_format
+
+    files = _values_then_extras("--files", o.files, more_files)
+    out, explain_out = o.out, o.explain_out
+    fmt = output_format(out, o.fmt)
+    _refuse_existing(out, o.overwrite, "predictions")
+    if explain_out is not None:
+        if o.runtime != "torch":
+            raise ChxError("--explain needs the models' attention: use it with --runtime torch")
+        _refuse_existing(explain_out, o.overwrite, "explain", option="--explain")
+    check_manifest_file(o.manifest)
+    images = _images_of(o.manifest, o.images)
+    inputs = collect_inputs(o.studies_dir, files or None, o.manifest, images, study_id=o.study_id, views=o.views,
+                            split=o.split)
+    predictor = load_predictor(o.runtime, o.bundle, o.backbone, o.fusion, joint=o.joint, device=o.device)
+    _warn_views(inputs, predictor)
+    table = run(predictor, inputs, out, fmt, batch_size=o.batch_size, workers=o.workers)
+    click.echo(f"wrote {out}: {table.height:,} rows ({inputs['study_id'].n_unique():,} studies, "
+               f"{inputs.height:,} images)")
+    if explain_out is not None:
+        from chx.pipeline.explain import FusionExplainer
+        from chx.pipeline.explain import explain as run_explain
+
+        _report_explain(run_explain(FusionExplainer(predictor), inputs, explain_out, ExplainOptions.top_k,
+                                    option="--explain"), explain_out)
+
+
+def _warn_views(inputs, predictor) -> None:
+    """One line on stderr (once per run) when a model that uses views meets images of unknown view."""
+    from chx.pipeline.predict import fusion_config_of, unknown_views_warning
+
+    message = unknown_views_warning(inputs, fusion_config_of(predictor))
+    if message:
+        click.echo(message, err=True)
+
+
+def _explainer(bundle, backbone, fusion, checkpoint, method, device):
+    """The explainer of the model(s) given: a stage-1 ``checkpoint`` alone, or the fusion pair."""
+    from chx.pipeline.explain import FusionExplainer, ImageExplainer
+    from chx.pipeline.predict import Predictor
+
+    if checkpoint is not None:
+        if bundle or backbone or fusion:
+            raise ChxError("--checkpoint (a stage-1 model on its own) does not go with --bundle, --backbone "
+                           "or --fusion: give one model")
+        return ImageExplainer.load(checkpoint, device=device, method=method)
+    if method != "attention":
+        raise ChxError(f"--method {method} needs --checkpoint (a stage-1 model); fusion maps are its "
+                       f"attention: drop --method or give --checkpoint")
+    return FusionExplainer(Predictor.load(bundle, backbone, fusion, device=device))
+
+
+def _report_explain(doc: dict, out: Path) -> None:
+    n = len(doc["studies"])
+    click.echo(f"wrote {out}/: {n:,} figure{'' if n == 1 else 's'}, explain.json, index.html (open it in a "
+               f"browser)")
+
+
+@cli.command("explain", context_settings=CONTEXT, short_help="Which view and region drove each finding.")
+@options(o=ExplainOptions)
+@click.argument("more_files", nargs=-1, type=click.Path(path_type=Path), metavar="")
+def explain(o: ExplainOptions, more_files):
+    """Show which view and which region drove each finding: per study one PNG (rows: findings,
+    columns: views, each image with the finding's map on its own pixels, captioned with the
+    probability and the view's share of the attention), explain.json (probabilities, shares, peaks
+    in image pixels) and index.html, a gallery that opens offline in a browser.
+
+    \b
+    Examples:
+      chx explain --bundle model.chx --files a.png b.png --views PA,LATERAL --study-id s1 -o s1-explained
+      chx explain --bundle model.chx --manifest m.parquet --images imgs/ --split test --limit 20 -o ex
+      chx explain --checkpoint runs/b/best.pt --files x.png -o x-explained
+    """
+    from chx.pipeline.explain import explain as run
+    from chx.pipeline.explain import select_studies
+    from chx.pipeline.predict import check_manifest_file, collect_inputs
+
+    files = _values_then_extras("--files", o.files, more_files)
+    _refuse_existing(o.out, o.overwrite, "explain")
+    check_manifest_file(o.manifest)
+    images = _images_of(o.manifest, o.images)
+    inputs = collect_inputs(o.studies_dir, files or None, o.manifest, images, study_id=o.study_id, views=o.views,
+                            split=o.split)
+    inputs = select_studies(inputs, limit=o.limit)
+    explainer = _explainer(o.bundle, o.backbone, o.fusion, o.checkpoint, o.method, o.device)
+    if o.checkpoint is None:      # the fusion models use views; a stage-1 model alone does not
+        _warn_views(inputs, explainer.predictor)
+    chosen = [c.strip() for c in o.classes.split(",") if c.strip()] if o.classes else None
+    _report_explain(run(explainer, inputs, o.out, o.top_k, chosen, images=images if o.manifest else None), o.out)
