@@ -291,3 +291,39 @@ def test_sigterm_during_demo_stage_1_stops_the_demo(tmp_path):
     assert "Traceback" not in err and "demo stopped" in err and "--resume" in err
     assert "[3/5]" not in stdout and not (out / "features.zarr").exists()
     assert (out / "backbone" / "last.pt").exists()
+
+
+# ------------------------------------------------------------------------- leakage, by content
+
+def swapped_splits(df):
+    return df.with_columns(pl.when(pl.col("split") == "train").then(pl.lit("val"))
+                           .otherwise(pl.lit("train")).alias("split"))
+
+
+def test_leakage_is_noticed_by_content_not_by_file_name(data, tmp_path, capsys):
+    """Issue 26: the leakage warning was keyed by the manifest's file name, so a renamed manifest
+    with swapped splits passed. Now the checkpoint records its training split's patients (hashes)
+    and every reader compares them: renamed + re-split warns, renamed + identical does not."""
+    from chx.engine.compat import leakage_warning, training_patients
+    from helpers import run_chx
+
+    df = data["df"]
+    ckpt = {"train_patients": training_patients(df)}
+    assert leakage_warning(ckpt, df, "same.parquet", "best.pt") is None
+    message = leakage_warning(ckpt, swapped_splits(df), "other.parquet", "best.pt")
+    n_train = df.filter(pl.col("split") == "train")["subject_id"].n_unique()
+    assert message.startswith(f"warning: {n_train} patient(s) outside the training split of other.parquet")
+    assert "patient leakage" in message
+
+    write_manifest(df, tmp_path / "renamed.parquet")
+    write_manifest(swapped_splits(df), tmp_path / "resplit.parquet")
+    for name, leaks in (("renamed", False), ("resplit", True)):
+        code, out, err = run_chx(capsys, "extract-features", "--checkpoint", data["backbone"], "--manifest",
+                                 tmp_path / f"{name}.parquet", "--images", data["images"], "--store",
+                                 tmp_path / f"{name}.zarr", "--workers", "0")
+        assert code == 0, err
+        assert ("patient leakage" in out + err) == leaks, (name, out, err)
+    code, _, err = run_chx(capsys, "evaluate", "--checkpoint", data["backbone"], "--manifest",
+                           tmp_path / "resplit.parquet", "--images", data["images"], "--split", "val",
+                           "--workers", "0", "-o", tmp_path / "report")
+    assert code == 0 and "patient leakage" in err, err

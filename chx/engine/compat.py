@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from chx.errors import ChxError
 from chx.store import fingerprint_diff, open_store
 
@@ -113,3 +115,59 @@ def require_same_inputs(ckpt: dict, meta: dict, run: str) -> None:
     if changed:
         raise ChxError(f"--resume: the run in {run} trained on other inputs: {'; '.join(changed)}; resume "
                        f"with the inputs the run started with (see its config.json) or start a new --out")
+
+
+# ------------------------------------------------------------------------ patient leakage, by content
+
+def _id_hashes(values) -> np.ndarray:
+    """A stable 8-byte hash of each id (as text), in order."""
+    import hashlib
+
+    return np.fromiter((int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little",
+                                       signed=True) for v in values), dtype=np.int64, count=len(values))
+
+
+def _patient_column(df) -> str:
+    """Patients where the manifest names them, else studies (a study is one patient's)."""
+    return ("subject_id" if "subject_id" in df.columns and df["subject_id"].null_count() < df.height
+            else "study_id")
+
+
+def training_patients(df) -> dict:
+    """What a checkpoint records of its training split to notice leakage later by content, not by
+    the manifest's file name: 8-byte hashes of its patients (65k patients: 0.5 MB)."""
+    import polars as pl
+    import torch
+
+    col = _patient_column(df)
+    train = df.filter(pl.col("split").is_null() | (pl.col("split") == "train"))[col].drop_nulls().unique()
+    return {"column": col, "hashes": torch.from_numpy(np.unique(_id_hashes(train.cast(pl.Utf8).to_list())))}
+
+
+def leakage_warning(ckpt: dict, df, manifest, checkpoint) -> str | None:
+    """A warning line when patients of ``ckpt``'s training split are in another split of ``df``
+    (a manifest re-split, renamed or edited after training), else None. A checkpoint made before
+    the record falls back to the manifest's sha256 under its file name."""
+    import polars as pl
+
+    record = ckpt.get("train_patients")
+    if not record:
+        from chx.data.manifest import file_sha256
+
+        trained_on = (ckpt.get("manifest_sha256") or {}).get(str(manifest))
+        if trained_on is not None and trained_on != file_sha256(manifest):
+            return (f"warning: {manifest} changed since {checkpoint} was trained on it (its splits may "
+                    f"differ: patients of the backbone's training split could now be in val/test)")
+        return None
+    col = record["column"] if record["column"] in df.columns else "study_id"
+    held_out = df.filter(pl.col("split").is_not_null() & (pl.col("split") != "train"))
+    ids = held_out[col].cast(pl.Utf8).to_list()
+    hit = np.isin(_id_hashes(ids), np.asarray(record["hashes"])) & held_out[col].is_not_null().to_numpy()
+    if not hit.any():
+        return None
+    rows = held_out.filter(pl.Series(hit))
+    splits = ", ".join(f"{s} {n:,}" for s, n in sorted(rows.group_by("split").len().iter_rows()))
+    who = "patient" if col == "subject_id" else "study"
+    return (f"warning: {rows[col].n_unique():,} {who}(s) outside the training split of {manifest} "
+            f"({rows.height:,} images: {splits}) were in the training split of {checkpoint}: their scores "
+            f"are inflated (patient leakage); use the manifest the model was trained on, or retrain")

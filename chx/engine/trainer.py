@@ -248,6 +248,10 @@ class TrainState:
                               enabled=self.amp_dtype is not None)
 
 
+# meta entries that go into checkpoints only, not into the run's config.json
+BINARY_META = ("model_state", "train_patients")
+
+
 def _check_resume(ckpt: dict, meta: dict, cfg: TrainConfig, path: Path) -> None:
     """A resumed run must compute what the first one did: same classes, model and options."""
     require_same_classes(meta["class_names"], ckpt["class_names"], "this data", f"--resume {path}",
@@ -419,7 +423,7 @@ def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, m
     train_model = (nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if ddp.enabled else model)
     if ddp.is_main:
-        run.write_config({"train": asdict(cfg), **{k: v for k, v in meta.items() if k != "model_state"},
+        run.write_config({"train": asdict(cfg), **{k: v for k, v in meta.items() if k not in BINARY_META},
                           "world_size": ddp.world_size, "steps_per_epoch": steps_per_epoch,
                           "total_steps": total_steps})
 

@@ -22,9 +22,10 @@ from chx.data.datasets import ImageDataset, label_matrix
 from chx.data.manifest import class_columns, read_manifest
 from chx.data.study_images import StudyImageDataset
 from chx.data.transforms import Preprocess
-from chx.engine.compat import check_fusion_store, require_same_classes
+from chx.engine.compat import check_fusion_store, leakage_warning, require_same_classes
 from chx.engine.inference import load_backbone, predict_images, store_study_probs
 from chx.engine.joint import predict_study_images
+from chx.engine.trainer import warn
 from chx.errors import ChxError
 from chx.metrics import BOOTSTRAP_RESAMPLES, DEFAULT_GROUPS, evaluate_scores, tune_thresholds
 from chx.options import EvaluateOptions
@@ -109,6 +110,10 @@ def _evaluate(checkpoint: Path, out: Path, *, store: str | None = None, manifest
     else:
         raise ChxError(f"{checkpoint} is a {kind} checkpoint; evaluate a backbone, fusion or joint "
                        f"checkpoint")
+    if kind in ("backbone", "joint"):
+        leak = leakage_warning(ckpt, df.filter(pl.col("split") == split), manifest, checkpoint)
+        if leak:
+            warn(leak)
     if split not in available:
         raise ChxError(f"split {split!r} is not in the data (it has: {', '.join(available) or 'no splits'}); "
                        f"use --split with one of them")

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from chx.data.datasets import ImageDataset, label_matrix
-from chx.data.manifest import class_columns, file_sha256, read_manifest
+from chx.data.manifest import class_columns, read_manifest
 from chx.data.transforms import Preprocess
-from chx.engine.compat import require_same_classes
+from chx.engine.compat import leakage_warning, require_same_classes
 from chx.engine.distributed import resolve_device
 from chx.engine.inference import feature_maps, load_backbone
 from chx.errors import ChxError
@@ -133,10 +133,9 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
     dev = resolve_device(device)      # under torchrun: this rank's GPU
     model, ckpt = load_backbone(checkpoint)
     df = read_manifest(manifest, soft=True)
-    trained_on = (ckpt.get("manifest_sha256") or {}).get(str(manifest))
-    if trained_on is not None and trained_on != file_sha256(manifest):
-        echo(f"warning: {manifest} changed since {checkpoint} was trained on it (its splits may "
-             f"differ: patients of the backbone's training split could now be in val/test)")
+    leak = leakage_warning(ckpt, df, manifest, checkpoint)
+    if leak:
+        echo(leak)
     classes = class_columns(df)
     require_same_classes(classes, ckpt["class_names"], str(manifest), str(checkpoint))
     pre = Preprocess.from_dict(ckpt["preprocess"])

@@ -17,6 +17,7 @@ import torch
 from chx.data.datasets import ImageDataset, check_paths, label_matrix
 from chx.data.manifest import class_columns, file_sha256, read_manifest, soft_label_count
 from chx.data.transforms import Preprocess
+from chx.engine.compat import training_patients
 from chx.engine.distributed import setup_distributed
 from chx.engine.inference import predict_images
 from chx.engine.objective import make_objective
@@ -122,6 +123,8 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
                     "images": [str(i) for i in images]},
         # a manifest changed after training (e.g. prepare rerun with another --seed) is noticed
         "manifest_sha256": {str(m): file_sha256(m) for m in manifests},
+        # ... and so is one re-split, renamed or edited: the training split's patients, by content
+        "train_patients": training_patients(train_df),
     }
     return fit(model, train_set, objective.sampler, batch_loss, evaluate, cfg, out, meta,
                resume=resume, overwrite=overwrite, ddp=ddp)

@@ -27,7 +27,7 @@ from chx.data.datasets import check_paths
 from chx.data.manifest import class_columns, file_sha256, read_manifest, soft_label_count
 from chx.data.study_images import StudyImageDataset, collate_study_images
 from chx.data.transforms import Preprocess
-from chx.engine.compat import require_same_backbone, require_same_classes
+from chx.engine.compat import leakage_warning, require_same_backbone, require_same_classes, training_patients
 from chx.engine.distributed import setup_distributed
 from chx.engine.joint import predict_study_images
 from chx.engine.objective import make_objective
@@ -84,10 +84,9 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
     classes = class_columns(df)
     s1 = load_checkpoint(backbone, kind="backbone")
     require_same_classes(classes, s1["class_names"], str(manifest), str(backbone))
-    trained_on = (s1.get("manifest_sha256") or {}).get(str(manifest))
-    if trained_on is not None and trained_on != file_sha256(manifest) and ddp.is_main:
-        warn(f"warning: {manifest} changed since {backbone} was trained on it (its splits may differ: "
-             f"patients of the backbone's training split could now be in val/test)")
+    leak = leakage_warning(s1, df, manifest, backbone)
+    if leak and ddp.is_main:
+        warn(leak)
     fusion_ckpt = load_checkpoint(fusion, kind="fusion") if fusion is not None else None
     torch.manual_seed(cfg.seed)   # a fresh fusion model's initialisation
     model = joint_model(s1, backbone, fusion_ckpt, fusion, opts)
@@ -136,6 +135,7 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
         "options": {**asdict(opts), "manifest": str(manifest), "images": str(images),
                     "backbone": str(backbone), "fusion": None if fusion is None else str(fusion)},
         "manifest_sha256": {str(manifest): file_sha256(manifest)},
+        "train_patients": training_patients(train_df),
         # what the run started from (the weights, not the file names)
         "initialised_from": {
             "backbone_sha256": weights_hash(eval_weights(s1)),
