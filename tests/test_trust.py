@@ -133,19 +133,27 @@ def test_predictions_csv_in_the_report_folder(capsys, tmp_path, covid_models):
     assert pred.columns[0] == "study_id" and pred.height == metrics["n"] and metrics["unit"] == "studies"
 
 
-def test_a_changed_manifest_is_noticed_at_extraction(capsys, tmp_path, covid_backbone, covid_manifest):
+@pytest.mark.parametrize("recorded", ["patients", "sha256-only"])
+def test_a_changed_manifest_is_noticed_at_extraction(capsys, tmp_path, covid_backbone, covid_manifest, recorded):
+    """The split was redone (train and val swapped) and the manifest moved: a checkpoint with its
+    training patients recorded warns of leakage by content; an older one (sha256 by file name only)
+    warns that the manifest changed."""
     ckpt = load_checkpoint(covid_backbone)
-    assert ckpt["manifest_sha256"][str(covid_manifest)]
+    assert ckpt["manifest_sha256"][str(covid_manifest)] and len(ckpt["train_patients"]["hashes"])
     moved = tmp_path / "covid.parquet"
     df = read_manifest(covid_manifest)
-    write_manifest(df.with_columns(pl.lit("train").alias("split")), moved)   # the split was redone
+    write_manifest(df.with_columns(pl.when(pl.col("split") == "train").then(pl.lit("val"))
+                                   .otherwise(pl.lit("train")).alias("split")), moved)
     ckpt["manifest_sha256"] = {str(moved): ckpt["manifest_sha256"][str(covid_manifest)]}
+    if recorded == "sha256-only":
+        del ckpt["train_patients"]
     save_checkpoint(ckpt, tmp_path / "b.pt")
     code, out, err = run_chx(capsys, "extract-features", "--checkpoint", tmp_path / "b.pt", "--manifest", moved,
                              "--images", shared_path("covid-cxr", "images"), "--store", tmp_path / "s.zarr",
                              "--workers", "0")
     assert code == 0, err
-    assert f"warning: {moved} changed since" in out
+    expected = "patient leakage" if recorded == "patients" else f"warning: {moved} changed since"
+    assert expected in out, out
 
 
 # ------------------------------------------------------------------ 4. paths outside the root
