@@ -43,6 +43,23 @@ def _check_options(reduction: str, soft_targets: str) -> None:
         raise ValueError(f"soft_targets must be one of {', '.join(SOFT_TARGETS)}, got {soft_targets!r}")
 
 
+def _inputs(logits: torch.Tensor, targets: torch.Tensor, class_prior):
+    """Every loss's inputs in float32 (call inside autocast(enabled=False)): logits, the prior
+    ([K], or None), the annotated mask (targets not NaN) and the targets with NaN as 0."""
+    if logits.shape != targets.shape or logits.dim() != 2:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both "
+                         f"be [B, K]")
+    x = logits.float()
+    t = targets.to(device=x.device, dtype=torch.float32)
+    prior = None
+    if class_prior is not None:
+        prior = torch.as_tensor(class_prior, dtype=torch.float32, device=x.device)
+        if prior.shape != (x.shape[1],):
+            raise ValueError(f"class_prior has shape {tuple(prior.shape)}, expected ({x.shape[1]},)")
+    annotated = ~torch.isnan(t)
+    return x, prior, annotated, torch.where(annotated, t, torch.zeros_like(t))
+
+
 def weighted_asl(logits: torch.Tensor, targets: torch.Tensor, class_prior: torch.Tensor | np.ndarray,
                  gamma_pos: float = 1.0, gamma_neg: float = 4.0, clip: float = 0.05,
                  reduction: str = "mean", soft_targets: str = "expected",
@@ -80,17 +97,8 @@ def weighted_asl(logits: torch.Tensor, targets: torch.Tensor, class_prior: torch
     batch without annotated elements gives 0 (with a gradient), not NaN.
     """
     _check_options(reduction, soft_targets)
-    if logits.shape != targets.shape or logits.dim() != 2:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both "
-                         f"be [B, K]")
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        x = logits.float()
-        t = targets.to(device=x.device, dtype=torch.float32)
-        prior = torch.as_tensor(class_prior, dtype=torch.float32, device=x.device)
-        if prior.shape != (x.shape[1],):
-            raise ValueError(f"class_prior has shape {tuple(prior.shape)}, expected ({x.shape[1]},)")
-        annotated = ~torch.isnan(t)
-        y = torch.where(annotated, t, torch.zeros_like(t))
+        x, prior, annotated, y = _inputs(logits, targets, class_prior)
         if class_weights:
             w_pos, w_neg = torch.exp(1.0 - prior), torch.exp(prior)
         else:
@@ -177,18 +185,9 @@ def distribution_balanced(logits: torch.Tensor, targets: torch.Tensor,
     probability y; y also counts fractionally in the instance-level rate. p is clamped to
     [1e-6, 1 - 1e-6] (a class without a training positive gets a finite bias).
     """
-    if logits.shape != targets.shape or logits.dim() != 2:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both "
-                         f"be [B, K]")
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        x = logits.float()
-        t = targets.to(device=x.device, dtype=torch.float32)
-        prior = torch.as_tensor(class_prior, dtype=torch.float32, device=x.device)
-        if prior.shape != (x.shape[1],):
-            raise ValueError(f"class_prior has shape {tuple(prior.shape)}, expected ({x.shape[1]},)")
+        x, prior, annotated, y = _inputs(logits, targets, class_prior)
         p = prior.clamp(1e-6, 1.0 - 1e-6)
-        annotated = ~torch.isnan(t)
-        y = torch.where(annotated, t, torch.zeros_like(t))
         with torch.no_grad():
             freq_inv = 1.0 / p                                                   # [K]
             repeat = (y * freq_inv).sum(dim=1, keepdim=True)                     # [B, 1]
@@ -205,14 +204,8 @@ def distribution_balanced(logits: torch.Tensor, targets: torch.Tensor,
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy with logits, the mean over the annotated (non-NaN) elements."""
-    if logits.shape != targets.shape or logits.dim() != 2:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both "
-                         f"be [B, K]")
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        x = logits.float()
-        t = targets.to(device=x.device, dtype=torch.float32)
-        annotated = ~torch.isnan(t)
-        y = torch.where(annotated, t, torch.zeros_like(t))
+        x, _, annotated, y = _inputs(logits, targets, None)
         loss = F.binary_cross_entropy_with_logits(x, y, reduction="none")
         return (loss * annotated).sum() / annotated.sum().clamp(min=1)
 

@@ -132,3 +132,35 @@ def test_one_view_vocabulary():
             if copy:
                 spelled.append(f"{module_name(path)}:{node.lineno}")
     assert not spelled, f"view names spelled outside chx.data.views: {spelled}"
+
+
+def _occurrences(needle: str) -> list[str]:
+    return [f"{module_name(p)}:{i}" for p in sorted(PACKAGE.rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if needle in line]
+
+
+def test_channels_last_has_one_home():
+    """Images and models go to the device in channels_last (on CUDA) through chx.engine.inference's
+    ``images_to`` / ``model_to`` only: no stage, nor the trainer, spells the memory format again."""
+    spelled = {m.split(":")[0] for m in _occurrences("memory_format=torch.channels_last")}
+    assert spelled == {"chx.engine.inference"}
+
+
+@pytest.mark.parametrize("wording", ["no training ", "no validation "])
+def test_stages_share_the_split_messages(wording):
+    """The empty-training-split error and the no-validation warning have one wording each
+    (chx.engine.trainer's ``require_training_split`` / ``warn_no_validation``), used by every stage."""
+    spelled = [m for m in _occurrences(wording) if m.startswith("chx.pipeline.train")]
+    assert not spelled, f"stages spell {wording!r} themselves: {spelled}"
+    for stage in ("train_backbone", "train_fusion", "train_joint"):
+        text = (PACKAGE / "pipeline" / f"{stage}.py").read_text()
+        assert "require_training_split(" in text and "warn_no_validation(" in text, stage
+
+
+def test_every_training_stage_is_a_stage_description_handed_to_fit_stage():
+    """train-backbone, -fusion and -joint end the same way: a ``Stage`` given to ``fit_stage``
+    (chx.engine.trainer), never ``fit`` with its arguments built by hand."""
+    for stage in ("train_backbone", "train_fusion", "train_joint"):
+        tree = ast.parse((PACKAGE / "pipeline" / f"{stage}.py").read_text())
+        called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert {"Stage", "fit_stage"} <= called and "fit" not in called, stage

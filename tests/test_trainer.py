@@ -147,3 +147,33 @@ def test_resume_refuses_other_classes_and_existing_runs(tmp_path):
 def test_out_of_range_options_are_refused(tmp_path, field, value):
     with pytest.raises(ChxError, match="--" + field.replace("_", "-")):
         run(tmp_path / "r", cfg(**{field: value}))
+
+
+@pytest.mark.parametrize("blank_is_train, split", [(True, "split 'train' or empty"), (False, "split 'train'")])
+def test_an_empty_training_split_is_one_error_for_every_stage(blank_is_train, split):
+    from chx.engine.trainer import require_training_split
+    require_training_split(3, "studies", "store s", blank_is_train=blank_is_train)   # some: no error
+    with pytest.raises(ChxError) as e:
+        require_training_split(0, "studies", "store s", blank_is_train=blank_is_train, fix="extract again")
+    assert str(e.value) == f"no training studies in store s ({split}); extract again"
+    with pytest.raises(ChxError, match=r"no training rows in a\.csv .*chx prepare \.\.\. --val-fraction"):
+        require_training_split(0, "rows", "a.csv")
+
+
+@pytest.mark.parametrize("rank, shown", [(0, True), (1, False)])
+def test_no_validation_is_one_warning_on_rank_0(capsys, rank, shown):
+    from chx.engine.distributed import Distributed
+    from chx.engine.trainer import warn_no_validation
+    warn_no_validation("rows", Distributed(rank=rank, world_size=2))
+    err = capsys.readouterr().err
+    expected = "warning: no validation rows (split 'val'): best.pt will be the last checkpoint"
+    assert (expected in err) == shown and err.count("warning") == int(shown)
+
+
+def test_images_and_models_move_to_the_cpu_unchanged():
+    from chx.engine.inference import images_to, model_to
+    x = torch.randn(2, 1, 8, 8)
+    y = images_to(x, torch.device("cpu"))
+    assert y.is_contiguous() and torch.equal(x, y) and y.device.type == "cpu"
+    model = nn.Conv2d(1, 2, 3)
+    assert model_to(model, "cpu") is model and model.weight.is_contiguous()

@@ -29,14 +29,27 @@ def load_backbone(checkpoint: Path) -> tuple[nn.Module, dict]:
     return load_model(ckpt, kind="backbone"), ckpt
 
 
+def images_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """THE move of a batch of images [B, C, H, W] to ``device``: channels_last on CUDA, the memory
+    format the model is in there (:func:`model_to`)."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
+
+
+def model_to(model: nn.Module, device: torch.device) -> nn.Module:
+    """THE move of a model to ``device``: channels_last on CUDA, as :func:`images_to` moves its inputs."""
+    model.to(device)
+    if torch.device(device).type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 @torch.no_grad()
 def feature_maps(model: nn.Module, images: torch.Tensor, pool: int = 1, flip: bool = False) -> torch.Tensor:
     """Backbone maps as the store holds them: [B, 1, H, W] -> [B, C, h/pool, w/pool] float16.
 
     ``flip``: of the horizontally flipped images. ``pool`` > 1 average-pools K x K (in float32)."""
-    x = torch.flip(images, dims=[-1]) if flip else images
-    if x.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = images_to(torch.flip(images, dims=[-1]) if flip else images, images.device)
     # the one definition of pooling + float16 rounding, shared with joint training's forward
     return stored_maps(model.forward_features(x), pool).to(FEATURE_DTYPE)
 
@@ -67,9 +80,7 @@ def predict_images(model: nn.Module, dataset: Dataset, *, batch_size: int = 16, 
     with batches(_loader(dataset, batch_size, workers, device)) as loader:   # workers end on any exit
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False,
                           disable=None if show_progress else True):
-            x = batch["image"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = images_to(batch["image"], device)
             p = torch.sigmoid(model(x).float())
             if tta:
                 p = 0.5 * (p + torch.sigmoid(model(torch.flip(x, dims=[-1])).float()))

@@ -33,7 +33,7 @@ from chx.atomic import json_text
 from chx.data.samplers import EpochSampler
 from chx.engine.compat import require_same_classes, require_same_inputs
 from chx.engine.distributed import Distributed, setup_distributed
-from chx.engine.inference import on_device
+from chx.engine.inference import model_to, on_device
 from chx.errors import ChxError
 from chx.models import load_checkpoint, save_checkpoint
 from chx.options import TrainConfig, resume_rule
@@ -107,11 +107,41 @@ class FitResult:
     last_metrics: dict | None = None
 
 
+@dataclass
+class Stage:
+    """What a training stage (train-backbone, train-fusion, train-joint) hands to :func:`fit_stage`:
+    the model, its training data and sampler, the loss of one batch, the validation (None: none, best.pt
+    = last.pt) and the checkpoint metadata; ``collate_fn`` and ``lr_mults`` as :func:`fit` takes them."""
+    model: nn.Module
+    train_set: Dataset
+    sampler: EpochSampler
+    batch_loss: Callable[[nn.Module, dict, torch.device], torch.Tensor]
+    evaluate: Callable[[nn.Module], dict] | None
+    meta: dict
+    collate_fn: Callable | None = None
+    lr_mults: dict[str, float] | None = None
+
+
 
 
 def warn(message: str) -> None:
     """A message for the user on stderr that does not break the progress bars."""
     tqdm.write(message, file=sys.stderr)
+
+
+def require_training_split(count: int, unit: str, source: str, *, blank_is_train: bool = True,
+                           fix: str = "assign splits with `chx prepare ... --val-fraction`") -> None:
+    """THE error of every stage whose training split is empty: ``count`` training ``unit``s
+    (rows, studies) in ``source`` (what the user gave); ``blank_is_train``: rows without a split train."""
+    if count == 0:
+        split = "split 'train' or empty" if blank_is_train else "split 'train'"
+        raise ChxError(f"no training {unit} in {source} ({split}); {fix}")
+
+
+def warn_no_validation(unit: str, ddp: Distributed) -> None:
+    """THE warning of every stage without a validation split (once, on rank 0)."""
+    if ddp.is_main:
+        warn(f"warning: no validation {unit} (split 'val'): best.pt will be the last checkpoint")
 
 
 # Options that may change on --resume: they do not change what is computed (declared with
@@ -383,6 +413,14 @@ def fit(model: nn.Module, train_set: Dataset, sampler: EpochSampler,
         run.close()
 
 
+def fit_stage(stage: Stage, cfg: TrainConfig, out: str | Path, *, resume: bool = False,
+              overwrite: bool = False, ddp: Distributed | None = None) -> FitResult:
+    """:func:`fit` of a stage's description: the one way every training stage trains."""
+    return fit(stage.model, stage.train_set, stage.sampler, stage.batch_loss, stage.evaluate, cfg, out,
+               stage.meta, resume=resume, overwrite=overwrite, ddp=ddp, collate_fn=stage.collate_fn,
+               lr_mults=stage.lr_mults)
+
+
 def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, meta, resume, ddp,
          device, collate_fn, lr_mults) -> FitResult:
     # ---- steps, state, resume
@@ -394,9 +432,7 @@ def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, m
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     val_interval = max(1, round(cfg.val_every * steps_per_epoch))
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model_to(model, device)
     state = TrainState(model, cfg, total_steps, device, lr_mults)
     if resume:
         ckpt = load_checkpoint(run.last, kind=meta["kind"])

@@ -31,7 +31,7 @@ from chx.data.manifest import class_columns, read_manifest
 from chx.data.transforms import Preprocess
 from chx.engine.compat import leakage_warning, require_same_classes
 from chx.engine.distributed import resolve_device
-from chx.engine.inference import feature_maps, load_backbone
+from chx.engine.inference import feature_maps, load_backbone, model_to
 from chx.errors import ChxError
 from chx.models import eval_weights, weights_hash
 from chx.options import ExtractOptions
@@ -141,9 +141,7 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
     pre = Preprocess.from_dict(ckpt["preprocess"])
     # Check the inputs before a store exists: a wrong --images must not leave an empty store behind.
     ImageDataset(df, images, pre, train=False, classes=classes).require_files()
-    model.to(dev)
-    if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model_to(model, dev)
 
     probe = feature_maps(model, torch.zeros(1, 1, pre.size, pre.size, device=dev), pool)
     feature_shape = tuple(int(s) for s in probe.shape[1:])

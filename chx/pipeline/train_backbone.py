@@ -19,9 +19,10 @@ from chx.data.manifest import class_columns, file_sha256, read_manifest, soft_la
 from chx.data.transforms import Preprocess
 from chx.engine.compat import training_patients
 from chx.engine.distributed import setup_distributed
-from chx.engine.inference import predict_images
+from chx.engine.inference import images_to, predict_images
 from chx.engine.objective import make_objective
-from chx.engine.trainer import FitResult, TrainConfig, fit, warn  # noqa: F401  (TrainConfig re-exported)
+from chx.engine.trainer import (FitResult, Stage, TrainConfig, fit_stage,  # noqa: F401  (TrainConfig re-exported)
+                                require_training_split, warn, warn_no_validation)
 from chx.errors import ChxError
 from chx.models import create_model
 from chx.models.heads import check_head
@@ -75,9 +76,7 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
     df, roots = load_manifests(manifests, images)
     classes = class_columns(df)
     (train_df, train_roots), (val_df, val_roots) = split_rows(df, roots)
-    if train_df.height == 0:
-        raise ChxError("the manifest(s) have no training rows (split 'train' or empty); assign splits "
-                       "with `chx prepare ... --val-fraction`")
+    require_training_split(train_df.height, "rows", ", ".join(str(m) for m in manifests))
     pre = Preprocess(size=opts.size, mode=opts.resize)
     train_set = ImageDataset(train_df, train_roots, pre, train=True, classes=classes,
                              augment=dict(clahe=opts.clahe, coarse_dropout=opts.coarse_dropout))
@@ -85,8 +84,8 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
     train_set.require_files("training")
     if val_set is not None:
         val_set.require_files("validation")
-    elif ddp.is_main:
-        warn("warning: no validation rows (split 'val'): best.pt will be the last checkpoint")
+    else:
+        warn_no_validation("rows", ddp)
 
     objective = make_objective(label_matrix(train_df, classes), classes, balance=opts.balance,
                                seed=cfg.seed, ddp=ddp, unit="image", warn=warn,
@@ -99,10 +98,8 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
         model.set_grad_checkpointing(True)
 
     def batch_loss(model, batch, device):
-        x = batch["image"].to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return objective.loss(model(x), batch["target"].to(device, non_blocking=True))
+        logits = model(images_to(batch["image"], device))
+        return objective.loss(logits, batch["target"].to(device, non_blocking=True))
 
     evaluate = None
     if val_set is not None:
@@ -126,5 +123,6 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
         # ... and so is one re-split, renamed or edited: the training split's patients, by content
         "train_patients": training_patients(train_df),
     }
-    return fit(model, train_set, objective.sampler, batch_loss, evaluate, cfg, out, meta,
-               resume=resume, overwrite=overwrite, ddp=ddp)
+    stage = Stage(model=model, train_set=train_set, sampler=objective.sampler, batch_loss=batch_loss,
+                  evaluate=evaluate, meta=meta)
+    return fit_stage(stage, cfg, out, resume=resume, overwrite=overwrite, ddp=ddp)

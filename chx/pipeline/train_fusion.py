@@ -18,8 +18,8 @@ from chx.engine.compat import store_data_sha256
 from chx.engine.distributed import setup_distributed
 from chx.engine.inference import predict_studies
 from chx.engine.objective import make_objective
-from chx.engine.trainer import FitResult, TrainConfig, fit, warn  # noqa: F401  (TrainConfig re-exported)
-from chx.errors import ChxError
+from chx.engine.trainer import (FitResult, Stage, TrainConfig, fit_stage,  # noqa: F401  (TrainConfig re-exported)
+                                require_training_split, warn, warn_no_validation)
 from chx.models import create_model
 from chx.options import FusionOptions
 from chx.store import open_store
@@ -41,9 +41,9 @@ def train_fusion(store_path: str, out: Path, opts: FusionOptions, cfg: TrainConf
     train_set = StudyDataset(store_path, "train", max_views=opts.max_views, train=True,
                              shuffle=opts.shuffle, flip_aug=opts.flip_aug, preload=preload,
                              device=ddp.device, cache_shards=0 if opts.balance else opts.buffer_shards + 1)
-    if len(train_set) == 0:
-        raise ChxError(f"store {store_path} has no training studies (split 'train'); assign splits in "
-                       f"the manifest (`chx prepare ... --val-fraction`) and extract again")
+    require_training_split(len(train_set), "studies", f"store {store_path}", blank_is_train=False,
+                           fix="assign splits in the manifest (`chx prepare ... --val-fraction`) and "
+                               "extract again")
     streaming = train_set.preload == "off" and not opts.balance
     objective = make_objective(train_set.labels, classes, balance=opts.balance, seed=cfg.seed, ddp=ddp,
                                unit="study", warn=warn, soft_targets=opts.soft_targets,
@@ -74,8 +74,8 @@ def train_fusion(store_path: str, out: Path, opts: FusionOptions, cfg: TrainConf
         def evaluate(model):
             return score(predict_studies(model, val_set, val_flip, batch_size=opts.eval_batch_size,
                                          device=ddp.device, desc="validate"))
-    elif ddp.is_main:
-        warn("warning: the store has no validation studies (split 'val'): best.pt = last checkpoint")
+    else:
+        warn_no_validation("studies", ddp)
 
     meta = {
         "kind": "fusion",
@@ -88,5 +88,6 @@ def train_fusion(store_path: str, out: Path, opts: FusionOptions, cfg: TrainConf
         "options": {**asdict(opts), "store": str(store_path)},
         "reader": {"preload": train_set.preload, "sampler": type(objective.sampler).__name__},
     }
-    return fit(model, train_set, objective.sampler, batch_loss, evaluate, cfg, out, meta, resume=resume,
-               overwrite=overwrite, ddp=ddp, collate_fn=collate_studies)
+    stage = Stage(model=model, train_set=train_set, sampler=objective.sampler, batch_loss=batch_loss,
+                  evaluate=evaluate, meta=meta, collate_fn=collate_studies)
+    return fit_stage(stage, cfg, out, resume=resume, overwrite=overwrite, ddp=ddp)

@@ -29,9 +29,11 @@ from chx.data.study_images import StudyImageDataset, collate_study_images
 from chx.data.transforms import Preprocess
 from chx.engine.compat import leakage_warning, require_same_backbone, require_same_classes, training_patients
 from chx.engine.distributed import setup_distributed
+from chx.engine.inference import images_to
 from chx.engine.joint import predict_study_images
 from chx.engine.objective import make_objective
-from chx.engine.trainer import FitResult, TrainConfig, fit, warn
+from chx.engine.trainer import (FitResult, Stage, TrainConfig, fit_stage, require_training_split, warn,
+                                warn_no_validation)
 from chx.errors import ChxError
 from chx.models import create_model, eval_weights, load_checkpoint, load_model, weights_hash
 from chx.models.joint import PARTS, JointModel
@@ -98,9 +100,7 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
     val_df = df.filter(pl.col("split") == "val")
     train_set = StudyImageDataset(train_df, images, pre, max_views=model.max_views, train=True,
                                   shuffle=opts.shuffle, classes=classes)
-    if len(train_set) == 0:
-        raise ChxError(f"{manifest} has no training studies (split 'train' or empty); assign splits with "
-                       f"`chx prepare ... --val-fraction`")
+    require_training_split(len(train_set), "studies", str(manifest))
     val_set = StudyImageDataset(val_df, images, pre, max_views=model.max_views, classes=classes)
     train_set.require_files("training")
     val_set.require_files("validation")
@@ -108,10 +108,8 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
                                unit="study", warn=warn, soft_targets=opts.soft_targets)
 
     def batch_loss(model, batch, device):
-        x = batch["images"].to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x, batch["view_mask"].to(device), batch["view_types"].to(device))
+        logits = model(images_to(batch["images"], device), batch["view_mask"].to(device),
+                       batch["view_types"].to(device))
         return objective.loss(logits, batch["target"].to(device, non_blocking=True))
 
     evaluate = None
@@ -122,8 +120,8 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
             return score(predict_study_images(model, val_set, batch_size=opts.eval_batch_size,
                                               workers=cfg.workers, device=ddp.device, tta=opts.tta,
                                               desc="validate"))
-    elif ddp.is_main:
-        warn("warning: no validation studies (split 'val'): best.pt will be the last checkpoint")
+    else:
+        warn_no_validation("studies", ddp)
 
     meta = {
         "kind": "joint",
@@ -141,6 +139,7 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
             "backbone_sha256": weights_hash(eval_weights(s1)),
             "fusion_sha256": None if fusion_ckpt is None else weights_hash(eval_weights(fusion_ckpt))},
     }
-    return fit(model, train_set, objective.sampler, batch_loss, evaluate, cfg, out, meta, resume=resume,
-               overwrite=overwrite, ddp=ddp, collate_fn=collate_study_images,
-               lr_mults={PARTS["backbone"]: opts.backbone_lr_mult})
+    stage = Stage(model=model, train_set=train_set, sampler=objective.sampler, batch_loss=batch_loss,
+                  evaluate=evaluate, meta=meta, collate_fn=collate_study_images,
+                  lr_mults={PARTS["backbone"]: opts.backbone_lr_mult})
+    return fit_stage(stage, cfg, out, resume=resume, overwrite=overwrite, ddp=ddp)
