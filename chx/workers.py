@@ -24,12 +24,39 @@ import signal
 from collections.abc import Iterator
 
 GRACE_S = 1.0
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def worker_init(worker_id: int) -> None:
-    """``worker_init_fn`` of every chx DataLoader: stop signals are the main process's to handle."""
+    """``worker_init_fn`` of every chx DataLoader: stop signals are the main process's to handle.
+    A worker is born with them blocked (:func:`start`); ignoring them discards any that arrived
+    in between, then they are unblocked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Hold SIGINT/SIGTERM back in this thread while workers are forked: a worker forked inside
+    inherits the block, so a signal to the process group between its birth and worker_init (torch
+    installs its own SIGTERM handler there first) cannot kill it. Here, the signals are delivered
+    when the block ends."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    except (AttributeError, ValueError, OSError):   # no pthread_sigmask on this platform
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def start(loader):
+    """``iter(loader)``, its workers forked with stop signals blocked (see :func:`worker_init`)."""
+    with _stop_signals_blocked():
+        return iter(loader)
 
 
 def close(iterator) -> None:
@@ -47,7 +74,7 @@ def close(iterator) -> None:
 @contextlib.contextmanager
 def batches(loader) -> Iterator:
     """``with batches(loader) as it: for batch in it: ...``: the workers end with the block."""
-    it = iter(loader)
+    it = start(loader)
     try:
         yield it
     finally:

@@ -559,7 +559,7 @@ class _Batches:
 
     def next_epoch(self, loader):
         workers.close(self.current)
-        self.current = iter(loader)
+        self.current = workers.start(loader)
         return self.current
 
     def __enter__(self):
