@@ -27,6 +27,17 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def one_line(code: int, err: str, *expected: str) -> None:
+    """A user error as the CLI reports it: exit 2, no traceback, one line on stderr besides
+    `warning:`/`note:` lines, holding each of ``expected``."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith(("warning: ", "note: "))]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    for e in expected:
+        assert e in lines[0], lines[0]
+
+
 def run_chx(capsys, *args) -> tuple[int, str, str]:
     """Run the real `chx` entry point in-process; return (exit code, stdout, stderr)."""
     from chx.cli import main

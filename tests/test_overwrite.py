@@ -20,16 +20,7 @@ from chx.atomic import (MARKER, atomic_dir, atomic_path, check_output, json_text
                         remove_stale_temps, write_marker)
 from chx.data.manifest import read_manifest, write_manifest
 from chx.errors import ChxError
-from helpers import ROOT, run_chx, shared_path
-
-
-def one_line(code, err, *expected):
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith(("warning: ", "note: "))]
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(lines) == 1, err
-    for e in expected:
-        assert e in lines[0], lines[0]
+from helpers import ROOT, one_line, run_chx, shared_path
 
 
 def snapshot(path):

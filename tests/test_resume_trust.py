@@ -23,14 +23,7 @@ from chx.data.samplers import ShuffleSampler
 from chx.engine.trainer import RunFolder, TrainConfig, fit
 from chx.errors import ChxError
 from chx.models import load_checkpoint
-from helpers import TINY, run_chx, shared_path
-
-
-def one_line(code, err, expected):
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith(("warning: ", "note: "))]
-    assert code == 2, err
-    assert "Traceback" not in err and len(lines) == 1, err
-    assert expected in lines[0], lines[0]
+from helpers import TINY, one_line, run_chx, shared_path
 
 
 # ------------------------------------------------------------------ toy runs (no images)

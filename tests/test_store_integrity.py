@@ -16,6 +16,7 @@ import pytest
 from chx.errors import ChxError
 from chx.store import create_store, open_store
 from test_store import FP, ROOT, image_features, make_inputs, store_path, write_shard
+from test_store_trust import one_line
 
 BACKENDS = ["zarr", "hdf5"]
 
@@ -30,12 +31,6 @@ def build(tmp_path, backend, flip=False, seed=60, fp=None, name=None, **kw):
             write_shard(s, sh, flip)
         s.mark_complete()
     return path
-
-
-def one_line(e) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg and "Traceback" not in msg
-    return msg
 
 
 def reopen(path, seed=60, flip=False, **kw):

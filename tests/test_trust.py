@@ -17,15 +17,7 @@ import pytest
 from chx.data.manifest import read_manifest, write_manifest
 from chx.errors import ChxError
 from chx.models import load_checkpoint, save_checkpoint
-from helpers import TINY, run_chx, shared_path
-
-
-def one_line(code, err, expected):
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith(("warning: ", "note: "))]
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(lines) == 1, err
-    assert expected in lines[0], lines[0]
+from helpers import TINY, one_line, run_chx, shared_path
 
 
 @pytest.fixture(scope="module")
