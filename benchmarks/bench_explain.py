@@ -89,7 +89,7 @@ def main(argv=None):
     from chx.data.demo import CLASS_NAMES
     from chx.data.manifest import read_manifest
     from chx.data.transforms import Preprocess
-    from chx.engine.explain import FusionExplainer
+    from chx.engine.attribution import FusionExplainer
     from chx.engine.predictor import Predictor
     from chx.models import create_model
     from chx.pipeline.explain import render_figure

@@ -46,13 +46,13 @@ def main(argv=None):
     from chx.data.manifest import class_columns, read_manifest
     from chx.data.transforms import Preprocess
     from chx.engine.inference import store_study_probs
-    from chx.engine.trainer import TrainConfig
+    from chx.options import FusionOptions, TrainConfig
     from chx.models import load_checkpoint, load_model, save_checkpoint
     from chx.models.backbone import ImageClassifier
     from chx.pipeline.extract import extract_features
     from chx.pipeline.predict import collect_inputs, load_predictor, predict
     from chx.pipeline.prepare import prepare
-    from chx.pipeline.train_fusion import FusionOptions, train_fusion
+    from chx.pipeline.train_fusion import train_fusion
 
     work = a.work or Path(tempfile.mkdtemp(prefix="chx-bench-predict-"))
     images = a.data / "images"

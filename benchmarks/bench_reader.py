@@ -68,13 +68,16 @@ def raw_read(files: list[Path]) -> dict:
 
 
 @contextlib.contextmanager
-def counted_reads(study_dataset):
-    """Within the block, every process (forked DataLoader workers too) adds the bytes the dataset
-    module's row reader returns to one shared counter, which the block gets."""
+def counted_reads():
+    """Within the block, every process (forked DataLoader workers too) adds the bytes the store's
+    row reader (``FeatureStore.read_rows``, what the dataset reads with) returns to one shared
+    counter, which the block gets."""
     import multiprocessing
 
+    from chx.store import FeatureStore
+
     counter = multiprocessing.get_context("fork").Value("q", 0)
-    read = study_dataset.read_rows
+    read = FeatureStore.read_rows
 
     def counting(store, start, stop, flip=False):
         maps = read(store, start, stop, flip)
@@ -82,18 +85,17 @@ def counted_reads(study_dataset):
             counter.value += maps.nbytes
         return maps
 
-    study_dataset.read_rows = counting
+    FeatureStore.read_rows = counting
     try:
         yield counter
     finally:
-        study_dataset.read_rows = read
+        FeatureStore.read_rows = read
 
 
 def reader_pass(args, mode: str) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from chx.data import study_dataset
     from chx.data.samplers import ShardShuffleSampler, ShuffleSampler
     from chx.data.study_dataset import StudyDataset, collate_studies
 
@@ -113,7 +115,7 @@ def reader_pass(args, mode: str) -> dict:
     limit = args.max_studies or len(ds)
     studies = images = 0
     first = None     # (seconds, studies) at the first batch: worker start-up, first reads
-    with counted_reads(study_dataset) as counter, torch.no_grad():
+    with counted_reads() as counter, torch.no_grad():
         loader = DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                             collate_fn=collate_studies, multiprocessing_context="fork" if args.workers else None)
         t0 = time.perf_counter()

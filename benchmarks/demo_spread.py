@@ -47,7 +47,7 @@ def one_run(seed: int, threads: int, work: Path) -> dict:
     torch.set_num_threads(threads)
     from chx.data.demo import FINDINGS, make_demo_data, read_signs, visibility
     from chx.data.manifest import read_manifest
-    from chx.engine.explain import FusionExplainer, measure_explanations
+    from chx.engine.attribution import FusionExplainer, measure_explanations
     from chx.engine.predictor import Predictor
     from chx.pipeline.demo import DemoConfig, by_visibility, run_demo
 

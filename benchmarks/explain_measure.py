@@ -13,7 +13,7 @@ attention and Grad-CAM (the field's usual saliency method).
   random point of the study's images in that grown box (grown-box area / image area; also given
   for the box as drawn, the issue's box area / image area). "In view":
   the same for the peak within each view that shows the sign.
-See :mod:`chx.engine.explain` (``score_explanation``, ``summarise_scores``).
+See :mod:`chx.engine.attribution` (``score_explanation``, ``summarise_scores``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv=None):
 
     from chx.data.demo import read_signs, visibility
     from chx.data.manifest import read_manifest
-    from chx.engine.explain import FusionExplainer, ImageExplainer, measure_explanations
+    from chx.engine.attribution import FusionExplainer, ImageExplainer, measure_explanations
     from chx.engine.predictor import Predictor
 
     data = a.demo / "data"

@@ -39,6 +39,7 @@ OUTPUT_KINDS = {
     "explain": ("explanation folder", True),            # chx explain, chx predict --explain
     "export-hf": ("Hugging Face export folder", True),  # chx export --format hf
     "export-onnx": ("ONNX export folder", True),        # chx export --format onnx
+    "ensemble": ("ensemble bundle", True),              # chx ensemble
     "demo": ("demo folder", True),                      # chx demo
     "bundle": ("chx bundle", False),                    # chx export --format bundle
     "checkpoint": ("chx checkpoint", False),            # chx import-reference

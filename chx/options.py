@@ -15,7 +15,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
 from chx.errors import ChxError
-from chx.store._codec import DTYPES   # the store's dtypes (torch-free; chx.store would load zarr)
+from chx.store._codec import FEATURE_DTYPES as DTYPES   # feature maps' dtypes (torch-free; chx.store loads zarr)
 
 
 def option(default=MISSING, help: str = "", *, flag: str | None = None, short: str | None = None,
@@ -57,7 +57,7 @@ def choices_of(cls, name: str) -> tuple[str, ...] | None:
 def resume_rule(rule: str, classes=None) -> set[str]:
     """The options declared ``on_resume=rule`` (``free`` or ``applied``) in ``classes`` (default:
     the training option classes)."""
-    classes = classes or (TrainConfig, BackboneOptions, FusionOptions, JointOptions)
+    classes = classes or (TrainConfig, BackboneOptions, FusionOptions, JointOptions, ImagesCacheOption)
     return {f.name for cls in classes for f in option_fields(cls) if option_meta(f)["on_resume"] == rule}
 
 DEFAULT_BACKBONE = "convnext_small.fb_in22k_ft_in1k"   # the paper's stage-1 backbone
@@ -74,6 +74,14 @@ SOFT_TARGETS_HELP = ("The loss on soft (pseudo) labels: expected (linear in the 
                      "which sharpens pseudo labels). Equal on 0/1 labels.")
 SHUFFLE_HELP = "Random view order in training (order must carry no information)."
 RECORDED_ROOT = "  [default: the root `chx prepare --images` recorded in the manifest]"
+AUGMENT_ON = ("auto", "workers", "device")    # chx.data.batch_augment.augment_on_device
+
+
+def _augment_on() -> Field:   # train-backbone (a function, so that train-joint can take it too)
+    return option("auto", "Where the stage-1 training augmentation runs: workers (image by image in the "
+                          "DataLoader workers, on the CPU) or device (batched on the training device; the "
+                          "workers only read and resize); the same distributions. auto: device on CUDA, "
+                          "else workers.", choices=AUGMENT_ON, on_resume="free")
 
 
 @dataclass
@@ -94,6 +102,9 @@ class TrainConfig:
     ema: float = option(0.0, "EMA decay of the weights used for validation and prediction (0 = off; e.g. "
                              "0.999).")
     val_every: float = option(0.25, "Validate (and checkpoint) every this fraction of an epoch.")
+    keep_checkpoints: int = option(0, "Also keep the weights of the last this many validations as ckpt-stepN.pt "
+                                      "(for `chx ensemble --from-run`); 0: only best.pt and last.pt.", min=0,
+                                   on_resume="free")
     seed: int = option(0, "Seed of initialisation, order, augmentation.")
     workers: int = option(2, "DataLoader worker processes.", on_resume="free")
     max_steps: int = option(0, "Stop after this many optimizer steps (0 = train all epochs); the schedule "
@@ -120,6 +131,7 @@ class TrainConfig:
             (self.clip_grad >= 0, "--clip-grad", "must be >= 0 (0 = off)"),
             (0 <= self.ema < 1, "--ema", "must be a decay in [0, 1) (0 = off)"),
             (0 < self.val_every <= 1e6, "--val-every", "must be > 0 (a fraction of an epoch)"),
+            (self.keep_checkpoints >= 0, "--keep-checkpoints", "must be >= 0 (0 = none)"),
             (self.workers >= 0, "--workers", "must be >= 0"),
             (self.precision in ("auto", "bf16", "fp16", "fp32"), "--precision", "must be auto, bf16, fp16 or fp32"),
             (self.nonfinite in ("stop", "skip"), "--nonfinite", "must be stop or skip"),
@@ -157,6 +169,7 @@ class BackboneOptions:
     clahe: bool = option(False, "CLAHE augmentation (p 0.5, clip limit 1-4).")
     coarse_dropout: float = option(0.0, "Coarse dropout augmentation: 1-8 black squares of this fraction of "
                                         "the side (p 0.5); 0 = off.", min=0, max=0.5, metavar="FRACTION")
+    augment_on: str = _augment_on()
 
 
 @dataclass
@@ -240,6 +253,12 @@ class JointOptions:
                            f"backbone)")
 
 
+def _shard() -> Field:   # extract-features and cache-images
+    return option(None, "Fill only this writer's shards (shard % N == I; run N processes at once; Zarr only). "
+                        "auto: from a SLURM array task (SLURM_ARRAY_TASK_ID/_COUNT) or torchrun "
+                        "(RANK/WORLD_SIZE). Under torchrun the rank is used anyway.", metavar="I/N|auto")
+
+
 @dataclass
 class ExtractOptions:
     """Options of `chx extract-features` (stage 2a)."""
@@ -250,10 +269,7 @@ class ExtractOptions:
     batch_size: int = option(16, "Batch size.", min=1)
     workers: int = option(2, "DataLoader workers decoding images while the model runs.", min=0)
     device: str = option("auto", "auto, cpu or cuda.")
-    shard: str | None = option(None, "Fill only this writer's shards (shard % N == I; run N processes at once; "
-                                     "Zarr only). auto: from a SLURM array task (SLURM_ARRAY_TASK_ID/_COUNT) "
-                                     "or torchrun (RANK/WORLD_SIZE). Under torchrun the rank is used anyway.",
-                               metavar="I/N|auto")
+    shard: str | None = _shard()
     compress: bool = option(False, "Compress the maps in a new store (Zarr: zstd; HDF5: lzf). Float16 maps "
                                    "barely compress (~1.09x) and it slows writing and reading; worth it only "
                                    "where bytes cost more than time.")
@@ -519,6 +535,23 @@ class ExportOptions:
 
 
 @dataclass
+class EnsembleOptions:
+    """Options of `chx ensemble` (besides the MEMBER arguments)."""
+
+    out: Path = _out(None, "Ensemble bundle folder to write (ensemble.json and a copy of every member).",
+                     path="dir", required=True)
+    weights: str | None = option(None, "One positive weight per member, in their order (normalised): --weights "
+                                       "2,1,1.  [default: equal]", metavar="LIST")
+    from_run: Path | None = option(None, "Instead of MEMBER paths: the last --last validation checkpoints of this "
+                                         "run folder (trained with --keep-checkpoints).", path="dir")
+    last: int | None = option(None, "With --from-run: how many of its last validation checkpoints.  [default: 1]",
+                              min=1)
+    backbone: Path | None = option(None, "With --from-run of a fusion run: the stage-1 checkpoint its store was "
+                                         "extracted with.", path="any")
+    overwrite: bool = _overwrite("Replace an existing -o ensemble folder.")
+
+
+@dataclass
 class ImportReferenceOptions:
     """Options of `chx import-reference` (besides the checkpoint argument)."""
 
@@ -656,3 +689,40 @@ class ExplainOptions:
                      path="dir")
     device: str = _device()
     overwrite: bool = _overwrite("Replace an existing -o folder.")
+
+
+@dataclass
+class ImagesCacheOption:
+    """``--images-cache`` of every command that reads the images of a manifest."""
+
+    images_cache: str | None = option(None, "Image cache from `chx cache-images` (the model's --size and --resize): "
+                                            "read the images from it instead of the original files (the same "
+                                            "tensors, exactly; the files are then not needed).", metavar="PATH",
+                                      on_resume="free")
+
+
+@dataclass
+class CacheImagesOptions:
+    """Options of `chx cache-images`."""
+
+    manifest: Path = _required("Manifest of the images to cache (readers look them up by image_id: a cache of "
+                               "all rows serves every split).")
+    images: Path | None = _images()
+    out: str = _out(None, "Image cache: a folder (Zarr v3, default; or an fsspec URL) or a file ending .h5 "
+                          "(HDF5, one writer).", required=True)
+    size: int | None = option(None, "Side the images are resized to: the model's --size.  [default: the "
+                                    "--checkpoint's]", min=1)
+    resize: str | None = option(None, "The model's --resize.  [default: the --checkpoint's, else letterbox]",
+                                choices=RESIZE_MODES)
+    checkpoint: Path | None = option(None, "Take --size and --resize from this checkpoint's preprocessing.",
+                                     path="any")
+    batch_size: int = _batch_size(32, "Images per batch from the decoding workers.")
+    workers: int = _workers(2, "DataLoader workers decoding images.")
+    shard: str | None = _shard()
+    shard_images: int | None = option(None, "Images per shard object.  [default: ~256 MiB, 64-512 images]", min=1)
+    compress: bool = option(False, "Compress the images losslessly (Zarr: zstd; HDF5: lzf) in a new cache.",
+                            switch=False)
+    repair: bool = option(False, "Verify the cache (checksums, missing objects) and decode its damaged shards "
+                                 "again.", switch=False)
+    overwrite: bool = _overwrite("Replace a cache of another size, resize mode or manifest (only a store chx "
+                                 "made: anything else at that path is refused, never deleted).")

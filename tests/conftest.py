@@ -57,8 +57,8 @@ def covid_manifest(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def covid_backbone(tmp_path_factory, covid_manifest) -> Path:
     """A tiny stage-1 checkpoint (test_convnext, 64 px, 2 steps) trained on the covid images."""
-    from chx.pipeline.train_backbone import BackboneOptions, train_backbone
-    from chx.engine.trainer import TrainConfig
+    from chx.options import BackboneOptions, TrainConfig
+    from chx.pipeline.train_backbone import train_backbone
 
     out = tmp_path_factory.mktemp("covid-backbone")
     opts = BackboneOptions(model="test_convnext", size=64, pretrained=False)
@@ -71,8 +71,8 @@ def covid_backbone(tmp_path_factory, covid_manifest) -> Path:
 def covid_models(tmp_path_factory, covid_backbone, covid_manifest):
     """A store (with flipped maps) extracted by `covid_backbone`, and a tiny fusion model on it."""
     from chx.pipeline.extract import extract_features
-    from chx.pipeline.train_fusion import FusionOptions, train_fusion
-    from chx.engine.trainer import TrainConfig
+    from chx.options import FusionOptions, TrainConfig
+    from chx.pipeline.train_fusion import train_fusion
 
     tmp = tmp_path_factory.mktemp("covid-models")
     store = str(tmp / "f.zarr")

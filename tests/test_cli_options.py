@@ -114,7 +114,7 @@ def test_choices_spelled_in_options_equal_their_owners():
     from chx import losses, metrics
     from chx.data.study_dataset import PRELOAD_MODES
     from chx.models.heads import HEADS
-    from chx.store import DTYPES
+    from chx.store._codec import FEATURE_DTYPES as DTYPES   # not uint8: the image cache's
 
     assert O.HEADS == HEADS and O.LOSSES == losses.LOSSES and O.SOFT_TARGETS == losses.SOFT_TARGETS
     assert set(O.PRELOAD) == set(PRELOAD_MODES)

@@ -91,10 +91,10 @@ BAD = {
 def data(tmp_path_factory, nih_manifest):
     """40 real NIH images (30 train, 10 val) in a private folder, a stage-1 checkpoint (2 steps),
     a store extracted by it and a fusion model (2 steps): everything the commands need."""
-    from chx.engine.trainer import TrainConfig
+    from chx.options import BackboneOptions, FusionOptions, TrainConfig
     from chx.pipeline.extract import extract_features
-    from chx.pipeline.train_backbone import BackboneOptions, train_backbone
-    from chx.pipeline.train_fusion import FusionOptions, train_fusion
+    from chx.pipeline.train_backbone import train_backbone
+    from chx.pipeline.train_fusion import train_fusion
 
     root = tmp_path_factory.mktemp("cli")
     images, df = nih_subset(root, nih_manifest)

@@ -51,7 +51,7 @@ def test_view_attribution_per_finding_over_studies_with_both_view_types():
     """`summarise_scores`'s per-finding shares (what the demo test asserts on the findings the model
     learned): the mean over a finding's positive studies that have a frontal and a lateral view;
     a study with one view type does not count, a finding without such a study is absent."""
-    from chx.engine.explain import summarise_scores
+    from chx.engine.attribution import summarise_scores
 
     def rec(finding, frontal, both=True):
         return {"finding": finding, "share": {"frontal": frontal, "lateral": 1 - frontal}, "both_types": both,
@@ -110,7 +110,7 @@ def test_fusion_beats_every_per_study_aggregation_on_findings_visible_in_one_vie
     import torch
 
     from chx.data.demo import FINDINGS, read_signs, visibility
-    from chx.engine.explain import FusionExplainer, measure_explanations
+    from chx.engine.attribution import FusionExplainer, measure_explanations
     from chx.engine.predictor import Predictor
     from chx.pipeline.demo import DemoConfig, by_visibility, run_demo
 

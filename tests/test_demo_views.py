@@ -83,9 +83,9 @@ def test_standard_demo_is_unchanged_by_the_variant(tmp_path):
 @pytest.fixture(scope="module")
 def four_view_store(tmp_path_factory):
     """A 4-view demo (48 studies, 64 px), a 1-step stage-1 model and its feature store."""
-    from chx.engine.trainer import TrainConfig
+    from chx.options import BackboneOptions, TrainConfig
     from chx.pipeline.extract import extract_features
-    from chx.pipeline.train_backbone import BackboneOptions, train_backbone
+    from chx.pipeline.train_backbone import train_backbone
 
     tmp = tmp_path_factory.mktemp("four-view")
     manifest = make_demo_data(tmp / "data", studies=48, seed=2, size=64, max_views=4,

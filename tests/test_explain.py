@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from chx.data.images import read_image, resize_image
+from chx.data.images import load_image, read_image
 from chx.data.manifest import read_manifest, write_manifest
 from chx.data.transforms import Preprocess
-from chx.engine.explain import (Explanation, FusionExplainer, ImageExplainer, ViewMap, grad_cam,
+from chx.engine.attribution import (Explanation, FusionExplainer, ImageExplainer, ViewMap, grad_cam,
                                 map_to_image, placement, score_explanation, summarise_scores, token_centre)
 from chx.engine.predictor import Predictor
 from helpers import run_chx, shared_path
@@ -27,8 +27,9 @@ from helpers import run_chx, shared_path
 
 @pytest.mark.parametrize("mode", ["letterbox", "squash"])
 @pytest.mark.parametrize("shape", [(40, 100), (100, 40), (50, 50), (33, 71)])
-def test_placement_is_where_load_image_puts_the_image(shape, mode):
-    square = resize_image(np.ones(shape, np.float32), 64, mode)
+def test_placement_is_where_load_image_puts_the_image(tmp_path, shape, mode):
+    Image.fromarray(np.full(shape, 255, np.uint8)).save(tmp_path / "white.png")
+    square = load_image(tmp_path / "white.png", 64, mode)[0].numpy()
     rows, cols = np.nonzero(square > 0)
     top, left, new_h, new_w = placement(*shape, Preprocess(64, mode))
     assert (rows.min(), cols.min(), rows.max() + 1 - rows.min(), cols.max() + 1 - cols.min()) == \

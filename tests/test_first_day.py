@@ -165,7 +165,7 @@ def full_run(tmp_path_factory, covid_manifest):
 
 def test_resume_by_folder_alone_equals_the_uninterrupted_run(capsys, tmp_path, covid_manifest, full_run,
                                                              monkeypatch):
-    from chx.engine.trainer import RunFolder
+    from chx.engine.run_folder import RunFolder
 
     log = RunFolder.log
 

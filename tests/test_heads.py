@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from chx.engine.explain import ImageExplainer
+from chx.engine.attribution import ImageExplainer
 from chx.errors import ChxError
 from chx.models import create_model, load_checkpoint, load_model, model_from_config
 from chx.models.heads import CSRAHead, LinearHead

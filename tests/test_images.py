@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from chx.data.images import is_dicom, load_image, read_image, resize_image
+from chx.data.images import is_dicom, load_image, read_image
 from chx.errors import ImageReadError
 from helpers import shared_path
 
@@ -174,7 +174,9 @@ def test_jpeg_draft_decoding_close_to_full(tmp_path):
     img = ((np.sin(x / 23.0) * np.cos(y / 31.0) + 1) * 127).astype(np.uint8)
     path = tmp_path / "big.jpg"
     Image.fromarray(img).save(path, quality=95)
-    full = resize_image(read_image(path), 96)
+    with Image.open(path) as decoded:                      # the JPEG fully decoded, kept losslessly (no draft)
+        decoded.save(tmp_path / "big.png")
+    full = load_image(tmp_path / "big.png", 96)[0].numpy()
     fast = load_image(path, 96)[0].numpy()
     assert np.abs(full - fast).mean() < 0.01
 
@@ -237,35 +239,39 @@ def test_decompression_bomb_inside_dicom(monkeypatch):
 
 # ----------------------------------------------------------------------------------- resizing
 
-def test_letterbox_keeps_aspect_with_zero_bands():
-    white = np.ones((50, 100), np.float32)  # 100 wide, 50 high
-    out = resize_image(white, 64, "letterbox")
+def _png(path: Path, pixels: np.ndarray) -> Path:
+    Image.fromarray(np.asarray(pixels, np.uint8)).save(path)
+    return path
+
+
+def test_letterbox_keeps_aspect_with_zero_bands(tmp_path):
+    white = _png(tmp_path / "wide.png", np.full((50, 100), 255))  # 100 wide, 50 high
+    out = load_image(white, 64, "letterbox")[0].numpy()
     assert out.shape == (64, 64) and out.dtype == np.float32
     np.testing.assert_array_equal(out[:16], 0)
     np.testing.assert_array_equal(out[48:], 0)
     np.testing.assert_allclose(out[16:48], 1, atol=1e-6)
-    tall = resize_image(np.ones((100, 50), np.float32), 64)  # bands left and right
+    tall = load_image(_png(tmp_path / "tall.png", np.full((100, 50), 255)), 64)[0].numpy()  # bands left and right
     np.testing.assert_array_equal(tall[:, :16], 0)
     np.testing.assert_allclose(tall[:, 16:48], 1, atol=1e-6)
 
 
-def test_squash_fills_and_is_deterministic():
-    white = np.ones((50, 100), np.float32)
-    np.testing.assert_allclose(resize_image(white, 64, "squash"), 1, atol=1e-6)
+def test_squash_fills_and_is_deterministic(tmp_path):
+    white = _png(tmp_path / "wide.png", np.full((50, 100), 255))
+    np.testing.assert_allclose(load_image(white, 64, "squash").numpy(), 1, atol=1e-6)
     rng = np.random.default_rng(1)
-    img = rng.random((300, 200), dtype=np.float32)
-    a, b = resize_image(img, 64, "squash"), resize_image(img, 64, "squash")
+    noise = _png(tmp_path / "noise.png", rng.integers(0, 256, (300, 200)))
+    a, b = load_image(noise, 64, "squash")[0].numpy(), load_image(noise, 64, "squash")[0].numpy()
     np.testing.assert_array_equal(a, b)
     assert a.shape == (64, 64) and 0 <= a.min() and a.max() <= 1
 
 
-def test_resize_same_size_does_not_alias_input():
-    img = np.full((32, 32), 0.5, np.float32)
-    out = resize_image(img, 32)
-    out[:] = 0
-    assert (img == 0.5).all()
+def test_same_size_keeps_the_pixels(tmp_path):
+    pixels = np.random.default_rng(2).integers(0, 256, (32, 32))
+    out = load_image(_png(tmp_path / "p.png", pixels), 32)[0].numpy()
+    np.testing.assert_array_equal(out, (pixels / 255).astype(np.float32))
 
 
-def test_resize_rejects_unknown_mode():
+def test_resize_rejects_unknown_mode(tmp_path):
     with pytest.raises(ValueError, match="crop"):
-        resize_image(np.zeros((4, 4), np.float32), 8, "crop")
+        load_image(_png(tmp_path / "p.png", np.zeros((4, 4))), 8, "crop")

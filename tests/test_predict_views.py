@@ -33,8 +33,8 @@ def test_file_name_rule(name, view):
 def view_models(tmp_path_factory, covid_models, covid_backbone, covid_manifest):
     """A fusion model with a view-type embedding (2 steps) on the covid store, and one multi-view
     validation study (a frontal and a lateral view) as its own manifest."""
-    from chx.engine.trainer import TrainConfig
-    from chx.pipeline.train_fusion import FusionOptions, train_fusion
+    from chx.options import FusionOptions, TrainConfig
+    from chx.pipeline.train_fusion import train_fusion
 
     tmp = tmp_path_factory.mktemp("views")
     train_fusion(covid_models["store"], tmp / "fusion", FusionOptions(dim=32, heads=4, ffn_dim=64, view_embedding=True),

@@ -20,9 +20,11 @@ from torch.utils.data import Dataset
 
 from chx.data.manifest import class_columns, read_manifest, write_manifest
 from chx.data.samplers import ShuffleSampler
-from chx.engine.trainer import RunFolder, TrainConfig, fit
+from chx.engine.run_folder import RunFolder
+from chx.engine.trainer import fit
 from chx.errors import ChxError
 from chx.models import load_checkpoint
+from chx.options import TrainConfig
 from helpers import TINY, one_line, run_chx, shared_path
 
 

@@ -91,10 +91,11 @@ def _one_line(code: int, out: str, err: str, *words: str) -> None:
         assert w in err, err
 
 
-def _chx(*args, **popen) -> subprocess.Popen:
+def _chx(*args, env=None, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "chx", *map(str, args)], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}, **popen)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})},
+                            **popen)
 
 
 def _maps(store) -> dict:
@@ -319,3 +320,51 @@ def test_killed_writer_resumes(s3, capsys, small):
     assert run_chx(capsys, "store", "verify", url)[0] == 0
     ref, got = _maps(small["ref"]), _maps(url)
     assert all(np.array_equal(ref[k], got[k]) for k in ref)
+
+
+def test_server_stopping_mid_extraction_is_one_line_then_a_rerun_resumes(s3, small):
+    """The object store goes away while a writer is filling shards (a second moto server on its own
+    port, sharing the first one's buckets, is stopped): the writer ends within the CHX_S3_* bounds
+    with exit code 2 and one line saying so, no traceback; with the server back on that port the
+    same command finishes the store, equal to an uninterrupted run."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url, covid_backbone, covid_manifest = _url("stop"), small["backbone"], small["manifest"]
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "CHX_S3_RETRIES": "2", "CHX_S3_CONNECT_TIMEOUT": "2",
+           "CHX_S3_READ_TIMEOUT": "5"}
+    try:
+        p = _chx(*_extract_args(covid_backbone, covid_manifest, url), env=env)
+        prefix = url.removeprefix("s3://") + "/shard_done/"
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None:
+            try:
+                if len([k for k in s3.ls(prefix, refresh=True) if "/c." in k]) >= 2:
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.2)
+        assert p.poll() is None, "the writer finished before the server could be stopped"
+    finally:
+        server.stop()
+    t0 = time.time()
+    out, err = p.communicate(timeout=120)
+    assert time.time() - t0 < 90, "the writer took too long to give up"
+    _one_line(p.returncode, out, err, f"store {url}: the object store stopped answering",
+              "rerun the same command to resume")
+    with open_store(url) as s:
+        assert 0 < len(s.missing_shards()) < s.n_shards and not s.complete
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()                                  # the server back, with what was written
+    try:
+        p = _chx(*_extract_args(covid_backbone, covid_manifest, url), env=env)
+        out, err = p.communicate(timeout=300)
+    finally:
+        server.stop()
+    assert p.returncode == 0 and "is complete" in out, out + err
+    ref, got = _maps(small["ref"]), _maps(url)
+    assert got.keys() == ref.keys() and all(np.array_equal(ref[k], got[k]) for k in ref)

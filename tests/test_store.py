@@ -242,6 +242,27 @@ def test_mismatch_refused(tmp_path, backend, change, expect):
         assert "another_backbone" in msg and "input_size" not in msg
 
 
+@pytest.mark.parametrize("backend", ["zarr1", "hdf51"])
+def test_format_1_is_read_but_not_written(tmp_path, backend):
+    """A format-1 store is read as before, but create_store (what extract-features calls) does not
+    reopen it for writing: one line saying so and what to do; --overwrite makes a format-2 store."""
+    inp = make_inputs(seed=5)
+    path = store_path(tmp_path, backend)
+    with create_store(path, **inp, **layout_kw(backend)) as s:   # format_version=1: the tests' old stores
+        write_images(s, inp["image_ids"])
+        s.mark_complete()
+    with pytest.raises(ChxError) as e:
+        create_store(path, **inp)
+    msg = str(e.value)
+    assert "\n" not in msg and path in msg and "format 1 in the store" in msg and "--overwrite" in msg
+    with open_store(path, require_complete=True) as s:          # still read, every row
+        assert s.format_version == 1
+        np.testing.assert_array_equal(s.read_rows(0, s.n_images),
+                                      image_features(s.image_ids).astype(np.float16))
+    with create_store(path, **inp, overwrite=True) as s:
+        assert s.format_version == 2 and s.is_sharded and not s.done.any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_overwrite_replaces(tmp_path, backend):
     inp = make_inputs(seed=6)
@@ -408,6 +429,30 @@ def test_info(tmp_path, backend):
     assert info["fingerprint"] == FP and info["class_names"] == CLASSES
     assert projected_size(10, (768, 32, 32), False) == 10 * 768 * 32 * 32 * 2
     assert projected_size(10, (768, 32, 32), True) == 2 * 10 * 768 * 32 * 32 * 2
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_store_info_and_verify_json_are_valid_json_with_nan_in_the_fingerprint(tmp_path, backend, capsys):
+    """`chx store info --json` / `verify --json` print strict JSON: a NaN or inf (here in the
+    fingerprint, which the store keeps as given) becomes null, never a bare NaN/Infinity."""
+    import json
+
+    from helpers import run_chx
+
+    inp = make_inputs(seed=14)
+    inp["fingerprint"] = {"model": "m", "mean": float("nan"), "top": float("inf")}
+    path = store_path(tmp_path, backend)
+    with create_store(path, **inp, shard_images=4) as s:
+        write_images(s, inp["image_ids"])
+        s.mark_complete()
+        assert np.isnan(s.fingerprint["mean"])                    # the store itself keeps the NaN
+    code, out, _ = run_chx(capsys, "store", "info", "--json", path)
+    assert code == 0 and "NaN" not in out and "Infinity" not in out
+    info = json.loads(out, parse_constant=lambda c: pytest.fail(f"bare {c} in store info --json"))
+    assert info["fingerprint"] == {"model": "m", "mean": None, "top": None} and info["complete"]
+    code, out, _ = run_chx(capsys, "store", "verify", "--json", path)
+    report = json.loads(out, parse_constant=lambda c: pytest.fail(f"bare {c} in store verify --json"))
+    assert code == 0 and report["ok"] and report["checked"] == report["n_shards"] > 1
 
 
 def test_input_validation(tmp_path):

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from chx.data import study_dataset
 from chx.data.samplers import ShardShuffleSampler, ShuffleSampler
 from chx.data.study_dataset import (StudyDataset, choose_preload, collate_studies, read_plan,
                                     study_shards)
-from chx.data.views import VIEWS, view_type
+from chx.data.views import VIEWS, deterministic_view_order, view_type
 from chx.errors import ChxError
 from chx.store import create_store, open_store
 
@@ -75,7 +74,7 @@ def test_items_hold_the_stores_maps_as_float32(store):
     for i in range(len(ds)):
         study = st.read_study(ds.studies[i])
         item = ds[i]
-        pick = study_dataset.deterministic_view_order(study.views, study.image_ids)
+        pick = deterministic_view_order(study.views, study.image_ids)
         np.testing.assert_array_equal(item["features"].numpy(), study.features[pick].astype(np.float32))
         assert item["view_types"].tolist() == [view_type(study.views[j]) for j in pick]
         assert item["ids"] == study.study_id
@@ -217,3 +216,30 @@ def test_a_pickled_dataset_starts_with_an_empty_cache(store):
 def test_an_empty_split_is_an_empty_dataset(store):
     ds = StudyDataset(store, "test", preload="auto")
     assert len(ds) == 0 and ds.preload == "off"
+
+
+def test_the_dataset_reads_through_the_stores_checked_read_rows(tmp_path):
+    """StudyDataset streams with the store's public read_rows, which checks every row: one changed
+    byte in a shard is one ChxError naming its image, cached (whole shard) or not (one study)."""
+    path = make_store(str(tmp_path / "f.zarr"))
+    with open_store(path) as s:
+        row = s.shard_rows(2)[0] + 1
+        img, study = s.image_ids[row], int(np.searchsorted(s.study_ptr, row, side="right") - 1)
+        for flip in (False, True):
+            np.testing.assert_array_equal(s.read_rows(row - 1, row + 2, flip),
+                                          np.stack([s.read_image(r, flip) for r in range(row - 1, row + 2)]))
+        np.testing.assert_array_equal(s.read_rows(*s.shard_rows(2)), s.read_shard(2)[0])
+        with pytest.raises(IndexError):
+            s.read_rows(0, s.n_images + 1)
+    obj = tmp_path / "f.zarr" / "features" / "c.2.0.0.0"
+    data = bytearray(obj.read_bytes())
+    data[1 * int(np.prod(SHAPE)) * 2 + 1] ^= 0x04                 # one bit of row 1 of shard 2
+    obj.write_bytes(bytes(data))
+    for cache_shards in (0, 4):
+        ds = StudyDataset(path, None, cache_shards=cache_shards)
+        item = int(np.flatnonzero(ds.studies == study)[0])
+        with pytest.raises(ChxError, match="do not match their checksum") as e:
+            ds[item]
+        assert repr(img) in str(e.value) and "\n" not in str(e.value)
+    with open_store(path) as s:                                   # the other shards still read
+        s.read_rows(*s.shard_rows(0))

@@ -19,10 +19,9 @@ from chx.data.study_images import StudyImageDataset
 from chx.data.transforms import Preprocess
 from chx.engine.inference import feature_maps, predict_studies
 from chx.engine.joint import predict_study_images
-from chx.engine.trainer import TrainConfig
 from chx.models import create_model, eval_weights, load_checkpoint, load_model, save_checkpoint
 from chx.models.joint import JointModel
-from chx.options import BackboneOptions, FusionOptions, JointOptions
+from chx.options import BackboneOptions, FusionOptions, JointOptions, TrainConfig
 from chx.pipeline.train_joint import joint_model
 from helpers import run_chx
 

@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from chx.data.samplers import ShuffleSampler
 from chx.errors import ChxError
 from chx.models import load_checkpoint
-from chx.engine.trainer import TrainConfig, fit, lr_lambda
+from chx.engine.trainer import fit, lr_lambda
+from chx.options import TrainConfig
 
 
 class Toy(Dataset):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chx.data.views import FRONTAL, LATERAL, OTHER
+from chx.data.views import FRONTAL_TYPE, LATERAL_TYPE, OTHER_TYPE
 from chx.models import load_checkpoint, load_model
 from chx.models.fusion import FusionModel, ViewExperts
 from helpers import run_chx
@@ -24,8 +24,8 @@ def studies(b=3, v=4, seed=1):
 
 
 # Slot types of three studies: frontal + lateral + padding, lateral only, every type.
-TYPES = torch.tensor([[FRONTAL, LATERAL, OTHER, OTHER], [LATERAL, LATERAL, OTHER, OTHER],
-                      [FRONTAL, FRONTAL, LATERAL, OTHER]])
+TYPES = torch.tensor([[FRONTAL_TYPE, LATERAL_TYPE, OTHER_TYPE, OTHER_TYPE], [LATERAL_TYPE, LATERAL_TYPE, OTHER_TYPE, OTHER_TYPE],
+                      [FRONTAL_TYPE, FRONTAL_TYPE, LATERAL_TYPE, OTHER_TYPE]])
 MASK = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
 
 
@@ -44,10 +44,10 @@ def test_each_view_goes_through_its_own_type_expert_only():
     flat, types = feats.reshape(12, 16, 6, 6), TYPES.reshape(12)
     with torch.no_grad():
         before = m.project(flat, types)
-        m.proj.experts[FRONTAL].weight.zero_()
-        m.proj.experts[FRONTAL].bias.zero_()
+        m.proj.experts[FRONTAL_TYPE].weight.zero_()
+        m.proj.experts[FRONTAL_TYPE].bias.zero_()
         after = m.project(flat, types)
-    frontal = types == FRONTAL
+    frontal = types == FRONTAL_TYPE
     assert torch.equal(before[~frontal], after[~frontal])
     assert not torch.isclose(before[frontal], after[frontal]).all(dim=(1, 2, 3)).any()
 
@@ -56,8 +56,8 @@ def test_a_lateral_only_study_gives_the_frontal_expert_no_gradient():
     m = model(view_experts=True).train()
     m(studies(b=1), MASK[1:2], TYPES[1:2]).sum().backward()
     # Zero, not None: every expert is in the graph (on no rows), as DDP needs.
-    assert not m.proj.experts[FRONTAL].weight.grad.any() and not m.proj.experts[FRONTAL].bias.grad.any()
-    assert m.proj.experts[LATERAL].weight.grad.abs().sum() > 0
+    assert not m.proj.experts[FRONTAL_TYPE].weight.grad.any() and not m.proj.experts[FRONTAL_TYPE].bias.grad.any()
+    assert m.proj.experts[LATERAL_TYPE].weight.grad.abs().sum() > 0
 
 
 def test_gated_mixture_is_the_gated_sum_of_the_experts_per_view_type():
@@ -65,14 +65,14 @@ def test_gated_mixture_is_the_gated_sum_of_the_experts_per_view_type():
     with torch.no_grad():
         m.proj.gate.normal_()
         x = studies(b=1, v=3).reshape(3, 16, 6, 6)
-        types = torch.tensor([FRONTAL, LATERAL, OTHER])
+        types = torch.tensor([FRONTAL_TYPE, LATERAL_TYPE, OTHER_TYPE])
         got = m.project(x, types)
         outs = torch.stack([e(x) for e in m.proj.experts])              # [E, 3, D, h', w']
         gates = m.proj.gate.softmax(dim=1)[types]                         # [3, E]
         want = torch.einsum("ve,evdhw->vdhw", gates, outs)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         # The lateral gates move the lateral view's tokens only.
-        m.proj.gate[LATERAL] += torch.arange(4.0)
+        m.proj.gate[LATERAL_TYPE] += torch.arange(4.0)
         moved = m.project(x, types)
     assert torch.equal(moved[[0, 2]], got[[0, 2]]) and not torch.allclose(moved[1], got[1])
 

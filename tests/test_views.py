@@ -3,11 +3,13 @@ native view string the same way."""
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
 
-from chx.data.views import (NATIVE_VIEWS, VIEWS, canonical_view, canonical_view_expr,
-                            deterministic_view_order, view_group, view_type)
+from chx.data.views import (NATIVE_VIEWS, VIEW_TYPE_NAMES, VIEWS, canonical_view, canonical_view_expr,
+                            deterministic_view_order, view_type)
+from chx.pipeline.aggregate import aggregate_by_study
 
 # DICOM ViewPosition defined terms (PS3.3 C.8.11.5.1.1 for DX) and values seen in MIMIC-CXR, BRAX,
 # PadChest, IU X-ray and the covid collection, with what they must become.
@@ -65,7 +67,13 @@ def test_predict_reads_dicom_view_positions_like_prepare(tmp_path):
 
 def test_types_groups_and_order():
     assert [view_type(v) for v in VIEWS] == [0, 0, 1, 1, 2]
-    assert [view_group(v) for v in VIEWS] == ["frontal", "frontal", "lateral", "lateral", "other"]
+    assert [VIEW_TYPE_NAMES[view_type(v)] for v in VIEWS] == ["frontal", "frontal", "lateral", "lateral", "other"]
+    # the study-level baselines group views the same way: one study per view, then one with all five
+    probs = np.arange(len(VIEWS), dtype=np.float64)[:, None]
+    assert aggregate_by_study(probs, list(VIEWS), list(VIEWS), "frontal")[0] == ["PA", "AP"]
+    assert aggregate_by_study(probs, list(VIEWS), list(VIEWS), "lateral")[0] == ["LATERAL", "LL"]
+    _, weighted = aggregate_by_study(probs, ["s"] * len(VIEWS), list(VIEWS), "weighted")
+    np.testing.assert_allclose(weighted, [[(7 * 0 + 7 * 1 + 3 * 2 + 3 * 3 + 5 * 4) / 25]])   # other: weight 5
     views, ids = ["OTHER", "LATERAL", "AP", "PA", "LL", "PA"], ["f", "e", "d", "c", "b", "a"]
     assert [views[i] + ids[i] for i in deterministic_view_order(views, ids)] == \
         ["PAa", "PAc", "APd", "LATERALe", "LLb", "OTHERf"]

@@ -1,4 +1,4 @@
-"""`chx prepare`: native label files -> one manifest."""
+"""`chx prepare`: native label files -> one manifest; `chx cache-images`: its images decoded once."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from chx.cli._base import CONTEXT, _refuse_existing, cli
+from chx.cli._base import CONTEXT, _images_of, _refuse_existing, cli
 from chx.cli.options import options
 from chx.errors import ChxError
-from chx.options import PrepareOptions
+from chx.options import CacheImagesOptions, PrepareOptions
 
 
 def _with_adapters(f):
@@ -104,3 +104,29 @@ def prepare(dataset, sources, classes, o: PrepareOptions, **adapter_options):
     click.echo(f"groups by training prevalence (head > 10%, tail < 1%): head {len(g['head'])}, "
                f"medium {len(g['medium'])}, tail {len(g['tail'])}"
                + (f"; tail: {', '.join(g['tail'])}" if g["tail"] else ""))
+
+
+@cli.command("cache-images", context_settings=CONTEXT, short_help="Decode a manifest's images once into an image cache.")
+@options(o=CacheImagesOptions)
+def cache_images(o: CacheImagesOptions):
+    """Decode every image of a manifest once, resized as the model preprocesses (--size, --resize, or
+    a --checkpoint's), into a sharded image cache; then give --images-cache to train-backbone,
+    extract-features, train-joint, evaluate, compare or pseudo-label: they read the same tensors
+    from it, exactly, without decoding the originals again.
+
+    Rerunning the same command continues with the shards not yet done; --shard i/n (or torchrun)
+    fills one cache from several processes; `chx store verify` checks it and --repair redoes
+    damaged shards.
+
+    \b
+    Example:
+      chx cache-images --manifest mimic.parquet --images mimic-cxr-jpg/ --size 1024 -o mimic-1024.zarr
+      chx train-backbone --manifest mimic.parquet --images-cache mimic-1024.zarr --size 1024 -o runs/b
+    """
+    from chx.pipeline.cache_images import cache_images as run
+
+    r = run(o, _images_of(o.manifest, o.images), echo=click.echo)
+    state = "complete" if r.complete else f"{r.remaining:,} images still to do (other shards or a rerun)"
+    speed = f" at {r.images_per_s:.1f} images/s" if r.written else ""
+    click.echo(f"cached {r.written:,} images ({r.preprocess.size} px {r.preprocess.mode}){speed}; "
+               f"image cache {r.cache} is {state}")

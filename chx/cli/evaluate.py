@@ -9,14 +9,14 @@ import click
 from chx.cli._base import CONTEXT, _config_option, _images_of, _refuse_existing, _values_then_extras, cli
 from chx.cli.options import options
 from chx.errors import ChxError
-from chx.options import CompareOptions, EvaluateOptions
+from chx.options import CompareOptions, EvaluateOptions, ImagesCacheOption
 
 
 @cli.command("evaluate", context_settings=CONTEXT, short_help="Long-tail metrics, report and plots.")
 @_config_option
-@options(o=EvaluateOptions)
+@options(o=EvaluateOptions, cache=ImagesCacheOption)
 @click.argument("more_runs", nargs=-1, type=click.Path(path_type=Path), metavar="")
-def evaluate(o: EvaluateOptions, more_runs):
+def evaluate(o: EvaluateOptions, cache: ImagesCacheOption, more_runs):
     """Per-class and macro AP (the ranking metric), AUROC, F1 at tuned thresholds, head/medium/tail
     mAP and calibration (ECE) of a checkpoint on one split; writes a report folder with plots.
 
@@ -45,17 +45,27 @@ def evaluate(o: EvaluateOptions, more_runs):
 
     out = o.out or Path(f"eval-{o.split}")
     images = _images_of(o.manifest, o.images, required=False)
+    if o.checkpoint.is_dir():     # an ensemble bundle (`chx ensemble`): every member and the ensemble
+        from chx.pipeline.ensemble import evaluate_ensemble
+
+        result = evaluate_ensemble(o.checkpoint, out, manifest=o.manifest, images=images, split=o.split,
+                                   thresholds_from=None if o.thresholds_from == "none" else o.thresholds_from,
+                                   groups=o.groups, bootstrap=o.bootstrap, absent_classes=o.absent_classes,
+                                   batch_size=o.batch_size, workers=o.workers, overwrite=o.overwrite, views=o.views)
+        click.echo(summary_table(result))
+        click.echo(f"\nreport: {out}/ (metrics.json with the members' rows, summary.md, predictions.csv, plots)")
+        return
     result = run(o.checkpoint, out, store=o.store, manifest=o.manifest, images=images, split=o.split,
                  thresholds_from=None if o.thresholds_from == "none" else o.thresholds_from, groups=o.groups,
                  views=o.views, batch_size=o.batch_size, workers=o.workers, overwrite=o.overwrite,
-                 absent_classes=o.absent_classes, bootstrap=o.bootstrap)
+                 absent_classes=o.absent_classes, bootstrap=o.bootstrap, images_cache=cache.images_cache)
     click.echo(summary_table(result))
     click.echo(f"\nreport: {out}/ (metrics.json, per_class.csv, predictions.csv, summary.md, plots)")
 
 
 @cli.command("compare", context_settings=CONTEXT, short_help="Fusion vs per-study aggregations of stage 1.")
-@options(o=CompareOptions)
-def compare(o: CompareOptions):
+@options(o=CompareOptions, cache=ImagesCacheOption)
+def compare(o: CompareOptions, cache: ImagesCacheOption):
     """Score fusion against the stage-1 model's predictions aggregated per study (mean, max, the
     reference's view-weighted mean, frontal-only, lateral-only), every method on the same studies
     (frontal-only and lateral-only cover fewer studies: fusion is scored on those too).
@@ -74,9 +84,10 @@ def compare(o: CompareOptions):
     if out is not None:
         _refuse_existing(out, o.overwrite, "comparison")
         _refuse_existing(out.with_suffix(".json"), o.overwrite, "comparison")
-    images = _images_of(o.manifest, o.images)
+    images = _images_of(o.manifest, o.images, required=cache.images_cache is None)
     results = compare_methods(o.backbone, o.fusion, o.manifest, images, o.store, o.split, workers=o.workers,
-                              batch_size=o.batch_size, groups=o.groups, bootstrap=o.bootstrap)
+                              batch_size=o.batch_size, groups=o.groups, bootstrap=o.bootstrap,
+                              images_cache=cache.images_cache)
     table = format_table(results, title=f"{o.split} split (mAP per study)")
     click.echo(table)
     if out is not None:

@@ -9,7 +9,7 @@ import click
 from chx.cli._base import CONTEXT, _images_of, _option_specs, _refuse_existing, _values_then_extras, cli
 from chx.cli.options import options
 from chx.errors import ChxError
-from chx.options import ExplainOptions, ExportOptions, ImportReferenceOptions, PredictOptions
+from chx.options import EnsembleOptions, ExplainOptions, ExportOptions, ImportReferenceOptions, PredictOptions
 
 
 @cli.command("export", context_settings=CONTEXT,
@@ -42,6 +42,33 @@ def export(o: ExportOptions):
         click.echo(f"checked: ONNX Runtime's probabilities are within {r['max_abs_diff']:.1e} of torch's")
     click.echo(f"wrote {out}: {len(b['class_names'])} classes, backbone "
                f"{b['backbone']['model_config']['backbone_name']} at {b['backbone']['preprocess']['size']} px")
+
+
+@cli.command("ensemble", context_settings=CONTEXT, short_help="Several models averaged into one ensemble bundle.")
+@click.argument("members", nargs=-1, type=click.Path(path_type=Path), metavar="MEMBER...")
+@options(o=EnsembleOptions)
+def ensemble(members, o: EnsembleOptions):
+    """Combine models into one ensemble bundle (a folder) that predict and evaluate take wherever they
+    take a bundle: its probabilities are the members' weighted mean (equal weights by default).
+
+    A MEMBER is a bundle or hf folder of `chx export` (stage 1 + fusion), a train-joint checkpoint,
+    or a stage-1 checkpoint (its image probabilities averaged per study). Backbones, input sizes
+    and stores may differ; the class lists must be the same. Every member is copied into the folder.
+
+    \b
+    Examples:
+      chx ensemble a.chx b.chx c-hf -o ens
+      chx ensemble a.chx runs/j/best.pt --weights 2,1 -o ens
+      chx ensemble --from-run runs/j --last 3 -o ens-j
+      chx ensemble --from-run runs/f --last 3 --backbone runs/b/best.pt -o ens-f
+      chx predict --bundle ens --studies new-studies/ -o predictions.csv
+    """
+    from chx.pipeline.ensemble import make_ensemble
+
+    _refuse_existing(o.out, o.overwrite, "ensemble")
+    doc = make_ensemble(list(members), o.out, o.weights, from_run=o.from_run, last=o.last, backbone=o.backbone)
+    weights = ", ".join(f"{m['weight']:.3g}" for m in doc["members"])
+    click.echo(f"wrote {o.out}: {len(doc['members'])} members (weights {weights}), {len(doc['class_names'])} classes")
 
 
 @cli.command("import-reference", context_settings=CONTEXT,
@@ -107,15 +134,18 @@ def predict(o: PredictOptions, more_files):
     inputs = collect_inputs(o.studies_dir, files or None, o.manifest, images, study_id=o.study_id, views=o.views,
                             split=o.split)
     predictor = load_predictor(o.runtime, o.bundle, o.backbone, o.fusion, joint=o.joint, device=o.device)
+    if explain_out is not None and hasattr(predictor, "members"):
+        raise ChxError(f"--explain: {o.bundle} is an ensemble bundle, whose members attend differently; explain "
+                       f"them one by one: chx explain --bundle {o.bundle}/members/NAME")
     _warn_views(inputs, predictor)
     table = run(predictor, inputs, out, fmt, batch_size=o.batch_size, workers=o.workers)
     click.echo(f"wrote {out}: {table.height:,} rows ({inputs['study_id'].n_unique():,} studies, "
                f"{inputs.height:,} images)")
     if explain_out is not None:
-        from chx.pipeline.explain import FusionExplainer
         from chx.pipeline.explain import explain as run_explain
+        from chx.pipeline.explain import fusion_explainer
 
-        _report_explain(run_explain(FusionExplainer(predictor), inputs, explain_out, ExplainOptions.top_k,
+        _report_explain(run_explain(fusion_explainer(predictor), inputs, explain_out, ExplainOptions.top_k,
                                     option="--explain"), explain_out)
 
 
@@ -126,22 +156,6 @@ def _warn_views(inputs, predictor) -> None:
     message = unknown_views_warning(inputs, fusion_config_of(predictor))
     if message:
         click.echo(message, err=True)
-
-
-def _explainer(bundle, backbone, fusion, checkpoint, method, device):
-    """The explainer of the model(s) given: a stage-1 ``checkpoint`` alone, or the fusion pair."""
-    from chx.pipeline.explain import FusionExplainer, ImageExplainer
-    from chx.pipeline.predict import Predictor
-
-    if checkpoint is not None:
-        if bundle or backbone or fusion:
-            raise ChxError("--checkpoint (a stage-1 model on its own) does not go with --bundle, --backbone "
-                           "or --fusion: give one model")
-        return ImageExplainer.load(checkpoint, device=device, method=method)
-    if method != "attention":
-        raise ChxError(f"--method {method} needs --checkpoint (a stage-1 model); fusion maps are its "
-                       f"attention: drop --method or give --checkpoint")
-    return FusionExplainer(Predictor.load(bundle, backbone, fusion, device=device))
 
 
 def _report_explain(doc: dict, out: Path) -> None:
@@ -166,7 +180,7 @@ def explain(o: ExplainOptions, more_files):
       chx explain --checkpoint runs/b/best.pt --files x.png -o x-explained
     """
     from chx.pipeline.explain import explain as run
-    from chx.pipeline.explain import select_studies
+    from chx.pipeline.explain import load_explainer, select_studies
     from chx.pipeline.predict import check_manifest_file, collect_inputs
 
     files = _values_then_extras("--files", o.files, more_files)
@@ -176,7 +190,7 @@ def explain(o: ExplainOptions, more_files):
     inputs = collect_inputs(o.studies_dir, files or None, o.manifest, images, study_id=o.study_id, views=o.views,
                             split=o.split)
     inputs = select_studies(inputs, limit=o.limit)
-    explainer = _explainer(o.bundle, o.backbone, o.fusion, o.checkpoint, o.method, o.device)
+    explainer = load_explainer(o.bundle, o.backbone, o.fusion, o.checkpoint, o.method, o.device)
     if o.checkpoint is None:      # the fusion models use views; a stage-1 model alone does not
         _warn_views(inputs, explainer.predictor)
     chosen = [c.strip() for c in o.classes.split(",") if c.strip()] if o.classes else None

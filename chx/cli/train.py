@@ -10,16 +10,17 @@ import click
 
 from chx.cli._base import CONTEXT, _config_option, _Group, _images_of, _report_fit, _RunCommand, cli
 from chx.cli.options import options
-from chx.options import (BackboneOptions, ExtractInputs, ExtractOptions, FusionOptions, JointOptions,
-                         PseudoLabelOptions, RunControl, TrainBackboneInputs, TrainConfig, TrainFusionInputs,
+from chx.options import (BackboneOptions, ExtractInputs, ExtractOptions, FusionOptions, ImagesCacheOption,
+                         JointOptions, PseudoLabelOptions, RunControl, TrainBackboneInputs, TrainConfig, TrainFusionInputs,
                          TrainJointInputs)
 
 
 @cli.command("train-backbone", cls=_RunCommand, context_settings=CONTEXT,
              short_help="Stage 1: ConvNeXt + ML-Decoder on images.")
 @_config_option
-@options(io=TrainBackboneInputs, opts=BackboneOptions, train=TrainConfig, run=RunControl)
-def train_backbone(io: TrainBackboneInputs, opts: BackboneOptions, train: TrainConfig, run: RunControl):
+@options(io=TrainBackboneInputs, opts=BackboneOptions, train=TrainConfig, run=RunControl, cache=ImagesCacheOption)
+def train_backbone(io: TrainBackboneInputs, opts: BackboneOptions, train: TrainConfig, run: RunControl,
+                   cache: ImagesCacheOption):
     """Stage 1: train a ConvNeXt + ML-Decoder image classifier with weighted ASL.
 
     \b
@@ -29,14 +30,15 @@ def train_backbone(io: TrainBackboneInputs, opts: BackboneOptions, train: TrainC
     """
     from chx.pipeline.train_backbone import train_backbone as stage
 
-    images = io.images or [_images_of(m, None) for m in io.manifests]
+    need = cache.images_cache is None     # with --images-cache the image files are not read
+    images = io.images or [_images_of(m, None, required=need) for m in io.manifests]
     _report_fit(stage(list(io.manifests), list(images), io.out, opts, train, resume=run.resume,
-                      overwrite=run.overwrite))
+                      overwrite=run.overwrite, images_cache=cache.images_cache))
 
 
 @cli.command("pseudo-label", context_settings=CONTEXT, short_help="Fill unannotated labels with soft labels.")
-@options(o=PseudoLabelOptions)
-def pseudo_label(o: PseudoLabelOptions):
+@options(o=PseudoLabelOptions, cache=ImagesCacheOption)
+def pseudo_label(o: PseudoLabelOptions, cache: ImagesCacheOption):
     """Self-training: fill a manifest's unannotated (null) labels with soft pseudo labels.
 
     Only null entries change; the dataset's own 0/1 labels stay. Train again on the union with
@@ -44,9 +46,9 @@ def pseudo_label(o: PseudoLabelOptions):
     """
     from chx.pipeline.pseudo_label import pseudo_label as run
 
-    images = _images_of(o.manifest, o.images)
+    images = _images_of(o.manifest, o.images, required=cache.images_cache is None)
     s = run(o.checkpoint, o.manifest, images, o.out, tta=o.tta, batch_size=o.batch_size, workers=o.workers,
-            device=o.device)
+            device=o.device, images_cache=cache.images_cache)
     click.echo(f"wrote {o.out}: {s['images']:,} images; {s['filled']:,} null labels filled with "
                f"probabilities, {s['kept']:,} labels kept")
 
@@ -55,8 +57,8 @@ def pseudo_label(o: PseudoLabelOptions):
 
 @cli.command("extract-features", context_settings=CONTEXT, short_help="Stage 2a: backbone maps -> feature store.")
 @_config_option
-@options(io=ExtractInputs, opts=ExtractOptions)
-def extract_features(io: ExtractInputs, opts: ExtractOptions):
+@options(io=ExtractInputs, opts=ExtractOptions, cache=ImagesCacheOption)
+def extract_features(io: ExtractInputs, opts: ExtractOptions, cache: ImagesCacheOption):
     """Stage 2a: cache the frozen backbone's feature maps of every image, grouped by study.
 
     Rerunning the same command continues with the images not yet done; a store made by another
@@ -64,8 +66,9 @@ def extract_features(io: ExtractInputs, opts: ExtractOptions):
     """
     from chx.pipeline.extract import extract_features as run
 
-    images = _images_of(io.manifest, io.images)
-    r = run(io.checkpoint, io.manifest, images, io.store, **asdict(opts), echo=click.echo)
+    images = _images_of(io.manifest, io.images, required=cache.images_cache is None)
+    r = run(io.checkpoint, io.manifest, images, io.store, **asdict(opts), echo=click.echo,
+            images_cache=cache.images_cache)
     state = "complete" if r.complete else f"{r.remaining:,} images still to do (other shards or a rerun)"
     speed = f" at {r.images_per_s:.1f} images/s" if r.written else ""
     click.echo(f"wrote {r.written:,} images{speed}; store {r.store} is {state}")
@@ -92,8 +95,9 @@ def train_fusion(io: TrainFusionInputs, opts: FusionOptions, train: TrainConfig,
 @cli.command("train-joint", cls=_RunCommand, context_settings=CONTEXT,
              short_help="Backbone + fusion fine-tuned together from images.")
 @_config_option
-@options(io=TrainJointInputs, opts=JointOptions, train=TrainConfig, run=RunControl)
-def train_joint(io: TrainJointInputs, opts: JointOptions, train: TrainConfig, run: RunControl):
+@options(io=TrainJointInputs, opts=JointOptions, train=TrainConfig, run=RunControl, cache=ImagesCacheOption)
+def train_joint(io: TrainJointInputs, opts: JointOptions, train: TrainConfig, run: RunControl,
+                cache: ImagesCacheOption):
     """Fine-tune the stage-1 backbone and the fusion model together, end to end from images.
 
     Each view's backbone map feeds the fusion model as the store would hold it (same pooling,
@@ -107,9 +111,9 @@ def train_joint(io: TrainJointInputs, opts: JointOptions, train: TrainConfig, ru
     """
     from chx.pipeline.train_joint import train_joint as stage
 
-    images = _images_of(io.manifest, io.images)
+    images = _images_of(io.manifest, io.images, required=cache.images_cache is None)
     _report_fit(stage(io.manifest, images, io.backbone, io.out, opts, train, fusion=io.fusion,
-                      resume=run.resume, overwrite=run.overwrite))
+                      resume=run.resume, overwrite=run.overwrite, images_cache=cache.images_cache))
 
 
 @cli.group("store", cls=_Group, context_settings=CONTEXT,
@@ -124,13 +128,12 @@ def store_group():
 def store_info(path, as_json):
     """Layout, images, studies, views per study, splits, dtype and bytes per image, size on disk
     (what `du` shows) and logical size, objects, fingerprint, completeness."""
-    import json
-
+    from chx.atomic import json_text
     from chx.pipeline.tools import store_info as run
 
     info = run(path)
-    if as_json:
-        click.echo(json.dumps(info, indent=2, default=str))
+    if as_json:   # valid JSON: a NaN or inf (of a fingerprint, say) is null, never a bare NaN
+        click.echo(json_text(info, indent=2, default=str))
         return
     mb = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"  # noqa: E731
     kb = lambda b: "n/a" if b is None else f"{b / 2**10:,.1f} KiB"  # noqa: E731
@@ -142,9 +145,11 @@ def store_info(path, as_json):
                                                                           key=lambda kv: int(kv[0])))),
             ("splits (studies)", ", ".join(f"{k or 'none'}: {v}" for k, v in info["splits"].items())),
             ("feature shape", f"{tuple(info['feature_shape'])}{' + flipped' if info.get('flip') else ''}"),
-            ("dtype", f"{info.get('dtype')} (read as float16)"),
-            ("bytes per image", f"{kb(info.get('bytes_per_image'))} stored, "
-                                f"{kb(info.get('bytes_per_image_decoded'))} as float16"),
+            ("dtype", f"{info.get('dtype')} " + ("(an image cache: read as is)" if info.get("dtype") == "uint8"
+                                                 else "(read as float16)")),
+            ("bytes per image", f"{kb(info.get('bytes_per_image'))} stored"
+                                + (f", {kb(info.get('bytes_per_image_decoded'))} as float16"
+                                   if info.get("dtype") != "uint8" else "")),
             ("size on disk (du)", mb(info.get("bytes_on_disk"))),
             ("logical size", mb(info.get("bytes_logical"))),
             ("files", "n/a" if not files else f"{files:,} ({info['files_per_image']:.3f} per image)"),
@@ -170,13 +175,12 @@ def store_verify(path, as_json):
     """Read every shard and check it against the checksums stored at write time; list missing,
     truncated, undecodable or changed shards. Exit code 2 when there is a problem; repair with
     `chx extract-features ... --repair` (the same command that made the store)."""
-    import json
-
+    from chx.atomic import json_text
     from chx.pipeline.tools import verify_store
 
     report = verify_store(path)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        click.echo(json_text(report.to_dict(), indent=2, default=str))
     else:
         click.echo(report.summary())
         for p in report.problems[:50]:

@@ -12,6 +12,9 @@ Value mapping:
   when the file has one -> min-max scaled to [0, 1] -> inverted when MONOCHROME1 (0 = white), so
   bright is always dense. Multi-frame: the first frame.
 - A constant image becomes zeros. The result never holds NaN or values outside [0, 1].
+- ``load_image`` (what every reader calls) quantizes after resizing to 8-bit steps,
+  round(x * 255) / 255: the one rule that lets ``chx cache-images`` store uint8 and give back the
+  same tensors exactly.
 
 Errors (missing, not an image, truncated, decompression bomb, undecodable DICOM) raise
 :class:`chx.errors.ImageReadError` with one line naming the file and what to do.
@@ -30,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from chx.errors import ImageReadError
 
-__all__ = ["read_image", "resize_image", "load_image", "RESIZE_MODES", "is_dicom"]
+__all__ = ["read_image", "load_image", "RESIZE_MODES", "is_dicom"]
 
 RESIZE_MODES = ("letterbox", "squash")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -253,17 +256,13 @@ def _finite_unit(a: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- resizing
 
-def resize_image(img: np.ndarray | torch.Tensor, size: int, mode: str = "letterbox") -> np.ndarray:
+def _resize_tensor(t: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     """Resize a 2-D image to [size, size] float32 (antialiased bilinear, deterministic).
 
     ``letterbox`` keeps the aspect ratio: the longer side becomes ``size`` and the image is
     centred on a zero (black) square. ``squash`` stretches both sides to ``size`` (the reference
     implementation's behaviour).
     """
-    return _resize_tensor(torch.as_tensor(np.asarray(img, dtype=np.float32)), size, mode).numpy()
-
-
-def _resize_tensor(t: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode {mode!r} is not one of {RESIZE_MODES}")
     size = int(size)
@@ -293,6 +292,21 @@ def _resize_tensor(t: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 
 
 def load_image(path: str | Path, size: int, mode: str = "letterbox") -> torch.Tensor:
-    """Read and resize: float32 tensor [1, size, size] in [0, 1] (what the datasets call)."""
+    """Read, resize and quantize: float32 tensor [1, size, size] in [0, 1], every value a multiple
+    of 1/255 (what the datasets call).
+
+    THE quantization rule: after resizing, ``x = round(x * 255) / 255`` (float32). So an 8-bit image
+    cache reproduces it exactly: :func:`to_uint8` of this tensor is ``round(x * 255)``, and
+    :func:`from_uint8` of that is this tensor again, bit for bit (``chx cache-images``)."""
     arr = read_image(path, draft_size=int(size))
-    return _resize_tensor(torch.from_numpy(arr), size, mode)[None]
+    return _resize_tensor(torch.from_numpy(arr), size, mode)[None].mul_(255).round_().div_(255)
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A tensor of :func:`load_image` -> its 8-bit steps round(x * 255) as uint8 (what the image cache holds)."""
+    return image.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def from_uint8(steps: torch.Tensor) -> torch.Tensor:
+    """uint8 steps -> float32 steps / 255: equal to :func:`load_image`'s tensor they came from."""
+    return steps.to(torch.float32).div_(255)

@@ -50,13 +50,11 @@ from torch.utils.data import Dataset, get_worker_info
 from tqdm.auto import tqdm
 
 from chx.data.samplers import DEFAULT_BUFFER_SHARDS
-# deterministic_view_order: re-exported for tests/test_train_fusion.py, which imports it from here.
-from chx.data.views import FRONTAL_VIEWS, LATERAL_VIEWS, OTHER, deterministic_view_order, view_type
+from chx.data.views import FRONTAL_VIEWS, LATERAL_VIEWS, OTHER_TYPE, deterministic_view_order, view_type
 from chx.errors import ChxError
 from chx.store import open_store
 
-__all__ = ["StudyDataset", "collate_studies", "choose_preload", "study_shards", "read_plan",
-           "deterministic_view_order"]
+__all__ = ["StudyDataset", "collate_studies", "choose_preload", "study_shards", "read_plan"]
 
 # Shard of a study in stores without shards: the block of this many images its first image is in.
 FALLBACK_SHARD_IMAGES = 64
@@ -78,16 +76,6 @@ def study_shards(store) -> np.ndarray:
     if ids is not None:
         return np.asarray(ids(), dtype=np.int64)
     return np.asarray(store.study_ptr[:-1], dtype=np.int64) // FALLBACK_SHARD_IMAGES
-
-
-def read_rows(store, start: int, stop: int, flip: bool = False) -> np.ndarray:
-    """Features [stop - start, C, H, W] (float16) of consecutive store rows, in one read."""
-    reader = getattr(store, "read_rows", None)
-    if reader is not None:
-        return reader(start, stop, flip=flip)
-    # Until the store has a public read_rows: its decoding range read (maps, flipped maps).
-    maps, flipped = store._read_maps(start, stop, flip, only_flip=flip)
-    return flipped if flip else maps
 
 
 def read_plan(rows: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -303,7 +291,7 @@ class StudyDataset(Dataset):
         reads = self._plans[k][0]
         out = []
         for flip in ((False, True) if self.needs_flip else (False,)):
-            parts = [read_rows(self.store, a, b, flip) for a, b in reads]
+            parts = [self.store.read_rows(a, b, flip) for a, b in reads]
             out.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
         return out
 
@@ -345,7 +333,7 @@ class StudyDataset(Dataset):
             return self.resident[base + lo:base + hi]
         maps = self._cached(index, flip)
         if maps is None:   # random access: one read of the study's rows
-            maps = read_rows(self.store, int(self.rows[lo]), int(self.rows[hi - 1]) + 1, flip)
+            maps = self.store.read_rows(int(self.rows[lo]), int(self.rows[hi - 1]) + 1, flip)
         return maps
 
     def choose_views(self, views: list[str], image_ids: list[str], seed: int | None) -> list[int]:
@@ -400,7 +388,7 @@ class StudyDataset(Dataset):
         v = max(pad_to or 0, max(len(pick) for _, pick, _ in chosen))
         rows = np.zeros((len(chosen), v), dtype=np.int64)
         mask = np.zeros((len(chosen), v), dtype=bool)
-        types = np.full((len(chosen), v), OTHER, dtype=np.int64)
+        types = np.full((len(chosen), v), OTHER_TYPE, dtype=np.int64)
         for b, (index, pick, flip) in enumerate(chosen):
             rows[b, :len(pick)] = self.row_ptr[index] + np.asarray(pick) + (self.n_rows if flip else 0)
             mask[b, :len(pick)] = True
@@ -423,7 +411,7 @@ def collate_studies(batch: list[dict], pad_to: int | None = None) -> dict:
     device = batch[0]["features"].device
     features = torch.empty(len(batch), v, c, h, w, device=device)
     mask = torch.zeros(len(batch), v, dtype=torch.bool)
-    types = torch.full((len(batch), v), OTHER, dtype=torch.long)
+    types = torch.full((len(batch), v), OTHER_TYPE, dtype=torch.long)
     for i, b in enumerate(batch):
         n = len(b["view_types"])
         features[i, :n] = b["features"]

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from chx.data.datasets import ImageDataset
 from chx.data.study_dataset import StudyDataset
 from chx.data.transforms import Preprocess
-from chx.data.views import FRONTAL_VIEWS, LATERAL_VIEWS, OTHER, view_type
+from chx.data.views import FRONTAL_VIEWS, LATERAL_VIEWS, OTHER_TYPE, view_type
 
 KEEP_VIEWS = {"all": None, "frontal": FRONTAL_VIEWS, "lateral": LATERAL_VIEWS}
 
@@ -40,8 +40,9 @@ class StudyImageDataset(Dataset):
 
     def __init__(self, df: pl.DataFrame, images_root: str | Path, pre: Preprocess, *, max_views: int = 4,
                  train: bool = False, shuffle: bool = True, views: str = "all",
-                 classes: list[str] | None = None):
-        self.images = ImageDataset(df, images_root, pre, train=train, classes=classes)
+                 classes: list[str] | None = None, cache=None):
+        # cache: an ImageCache (--images-cache) the views are read from instead of their files
+        self.images = ImageDataset(df, images_root, pre, train=train, classes=classes, cache=cache)
         self.max_views = max_views
         self.train = train
         self.shuffle = shuffle
@@ -90,7 +91,7 @@ def collate_study_images(batch: list[dict]) -> dict:
     largest study; padding slots OTHER), ``target`` [B, K], ``ids``, ``index``."""
     v = max(len(b["view_types"]) for b in batch)
     mask = torch.zeros(len(batch), v, dtype=torch.bool)
-    types = torch.full((len(batch), v), OTHER, dtype=torch.long)
+    types = torch.full((len(batch), v), OTHER_TYPE, dtype=torch.long)
     for i, b in enumerate(batch):
         n = len(b["view_types"])
         mask[i, :n] = True

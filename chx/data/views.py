@@ -24,7 +24,8 @@ LATERAL_VIEWS: tuple[str, ...] = ("LATERAL", "LL")
 # View types: what the fusion model's view embedding and experts see.
 VIEW_TYPE_NAMES: tuple[str, ...] = ("frontal", "lateral", "other")
 N_VIEW_TYPES = len(VIEW_TYPE_NAMES)
-FRONTAL, LATERAL, OTHER = 0, 1, 2
+# Type ids (ints, the model's inputs; not to be confused with the view names LATERAL and OTHER).
+FRONTAL_TYPE, LATERAL_TYPE, OTHER_TYPE = 0, 1, 2
 
 # Deterministic order of a study's views at evaluation and prediction: PA, AP, LATERAL, LL, OTHER.
 VIEW_RANK: dict[str, int] = {v: i for i, v in enumerate(VIEWS)}
@@ -93,15 +94,10 @@ def canonical_view_expr(expr):
 def view_type(view: str) -> int:
     """Canonical view -> type id: 0 frontal (PA, AP), 1 lateral (LATERAL, LL), 2 other."""
     if view in FRONTAL_VIEWS:
-        return FRONTAL
+        return FRONTAL_TYPE
     if view in LATERAL_VIEWS:
-        return LATERAL
-    return OTHER
-
-
-def view_group(view: str) -> str:
-    """Canonical view -> "frontal", "lateral" or "other"."""
-    return VIEW_TYPE_NAMES[view_type(view)]
+        return LATERAL_TYPE
+    return OTHER_TYPE
 
 
 def view_types(views: Iterable[str]) -> list[int]:
@@ -111,8 +107,3 @@ def view_types(views: Iterable[str]) -> list[int]:
 def deterministic_view_order(views: Sequence[str], image_ids: Sequence[str]) -> list[int]:
     """Indices of a study's views: PA, AP, LATERAL, LL, OTHER; ties by image id."""
     return sorted(range(len(views)), key=lambda i: (VIEW_RANK.get(views[i], len(VIEWS)), str(image_ids[i])))
-
-
-def invalid_views(views: Iterable[str]) -> list[int]:
-    """Positions of values that are not canonical views (None included)."""
-    return [i for i, v in enumerate(views) if v not in VIEW_RANK]

@@ -26,7 +26,7 @@ import torch
 
 from chx.data.images import load_image
 from chx.data.transforms import Preprocess, eval_transform
-from chx.data.views import OTHER, deterministic_view_order, view_types
+from chx.data.views import OTHER_TYPE, deterministic_view_order, view_types
 from chx.engine.compat import require_same_backbone, require_same_classes
 from chx.engine.distributed import resolve_device
 from chx.engine.inference import feature_maps, fusion_probs
@@ -432,7 +432,7 @@ class Predictor:
         padded with zeros, the view mask, the view types (padding: OTHER), the flipped maps."""
         v = max(sizes)
         mask = torch.zeros(len(sizes), v, dtype=torch.bool, device=self.device)
-        typ = torch.full((len(sizes), v), OTHER, dtype=torch.long)
+        typ = torch.full((len(sizes), v), OTHER_TYPE, dtype=torch.long)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         batches = []
         for m in (maps, flips):

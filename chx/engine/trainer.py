@@ -15,7 +15,6 @@ so losses after ``--resume`` equal those of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import signal
 import sys
@@ -29,11 +28,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from chx.atomic import json_text
 from chx.data.samplers import EpochSampler
 from chx.engine.compat import require_same_classes, require_same_inputs
 from chx.engine.distributed import Distributed, setup_distributed
 from chx.engine.inference import model_to, on_device
+from chx.engine.run_folder import RunFolder
 from chx.errors import ChxError
 from chx.models import load_checkpoint, save_checkpoint
 from chx.options import TrainConfig, resume_rule
@@ -149,75 +148,6 @@ def warn_no_validation(unit: str, ddp: Distributed) -> None:
 RESUMABLE_CHANGES = resume_rule("free")
 # ... and those applied, with a warning (on_resume="applied": more or fewer epochs stretch the LR schedule).
 APPLIED_ON_RESUME = resume_rule("applied")
-
-
-class RunFolder:
-    """A run folder owned by one process: config.json, metrics.jsonl, last.pt, best.pt (and the
-    TensorBoard event files of ``tensorboard``, a :class:`~chx.engine.tensorboard.TensorBoardLogger`
-    that gets every metrics.jsonl record).
-
-    An exclusive lock (``.lock``, held while training) makes a second run into the same folder fail
-    at once instead of interleaving its metrics and checkpoints with the first one's."""
-
-    def __init__(self, out: str | Path):
-        self.out = Path(out)
-        self.last, self.best = self.out / "last.pt", self.out / "best.pt"
-        self.metrics = self.out / "metrics.jsonl"
-        self.tensorboard = None
-        self._lock = None
-
-    def open(self, *, resume: bool, overwrite: bool) -> None:
-        if self.last.exists() and not (resume or overwrite):
-            raise ChxError(f"{self.out} already holds a run (last.pt); use --resume to continue it or "
-                           f"--overwrite to start again")
-        if resume and not self.last.exists():
-            raise ChxError(f"--resume: {self.last} does not exist; run without --resume to start")
-        if self.out.exists() and not self.out.is_dir():
-            raise ChxError(f"-o {self.out} is a file; give a folder for the run")
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.out / ".lock", "w")
-        except OSError as e:
-            raise ChxError(f"cannot write the run folder {self.out}: {e.strerror or e}; choose "
-                           f"another --out") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise ChxError(f"another chx process is training in {self.out}; wait for it or use "
-                           f"another --out") from None
-        if overwrite and not resume:
-            for p in (self.last, self.best, self.metrics, *self.out.glob("events.out.tfevents.*")):
-                p.unlink(missing_ok=True)
-        try:   # an unwritable (immutable, read-only) metrics.jsonl stops here, not after the first steps
-            open(self.metrics, "a").close()
-        except OSError as e:
-            self.close()
-            raise ChxError(f"cannot write {self.metrics}: {e.strerror or e}; make it writable (e.g. "
-                           f"`chattr -i`, `chmod u+w`) or use another --out") from None
-
-    def close(self) -> None:
-        if self._lock is not None:
-            self._lock.close()   # releases the lock
-            self._lock = None
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-    def log(self, record: dict) -> None:
-        try:
-            with open(self.metrics, "a") as f:
-                f.write(json_text(record) + "\n")   # valid JSON: a NaN loss -> null
-        except OSError as e:
-            raise ChxError(f"cannot write {self.metrics}: {e.strerror or e}; {self.last} holds the last saved "
-                           f"state: make the file writable (or free space) and continue with --resume") from None
-        if self.tensorboard is not None:
-            self.tensorboard.log(record)
-
-    def write_config(self, config: dict) -> None:
-        from chx.atomic import atomic_path
-
-        with atomic_path(self.out / "config.json") as tmp:
-            tmp.write_text(json_text(config, indent=2, default=str))
 
 
 class TrainState:
@@ -438,22 +368,10 @@ def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, m
         ckpt = load_checkpoint(run.last, kind=meta["kind"])
         _check_resume(ckpt, meta, cfg, run.last)
         state.load_state_dict(ckpt, ddp.rank, ddp.world_size, device)
-        if state.best is not None and not run.best.exists():
-            # a run stopped while writing best.pt (disk full) by an older chx, or best.pt deleted
-            if ddp.is_main:
-                warn(f"warning: --resume: {run.best} is missing though {run.last} records a best score of "
-                     f"{state.best:.4f}; the next validation writes a new best.pt (the best since now)")
-            state.best = None
-        elif state.best is not None and run.best.exists() and \
-                run.best.stat().st_mtime_ns > run.last.stat().st_mtime_ns:
-            # stopped between the two saves (best.pt is written first): best.pt holds a better
-            # score than last.pt records; keep it, so the replayed steps do not replace it by a worse one
-            try:
-                score = (load_checkpoint(run.best, kind=meta["kind"]).get("metrics") or {}).get("mAP")
-            except ChxError:
-                score = None
-            if isinstance(score, (int, float)) and math.isfinite(score) and score > state.best:
-                state.best = float(score)
+        if state.best is not None and not run.best.exists() and ddp.is_main:
+            warn(f"warning: --resume: {run.best} is missing though {run.last} records a best score of "
+                 f"{state.best:.4f}; the next validation writes a new best.pt (the best since now)")
+        state.best = run.resumed_best(state.best, meta["kind"])
     else:  # dropout RNG; a resumed run restores it from the checkpoint instead
         torch.manual_seed(cfg.seed + 1_000_003 * ddp.rank)
     train_model = (nn.parallel.DistributedDataParallel(
@@ -490,6 +408,8 @@ def _fit(model, train_set, sampler, batch_loss, evaluate, cfg, run: RunFolder, m
             # best.pt first: last.pt (which --resume reads) never records a best that is not on disk
             if improved:
                 save(run.best, metrics, full=False)
+            if cfg.keep_checkpoints:      # weights only, as best.pt; the last K kept
+                run.keep_checkpoint(state.step, cfg.keep_checkpoints, lambda p: save(p, metrics, full=False))
             save(run.last, metrics, full=True)
         ddp.barrier()
         return metrics

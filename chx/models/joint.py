@@ -23,7 +23,7 @@ from chx.models.backbone import ImageClassifier
 from chx.models.fusion import FusionModel
 
 # Prefixes of the two parts in a joint model's state dict (the attribute names below).
-PARTS = {"backbone": "image.", "fusion": "fusion."}
+PART_PREFIXES = {"backbone": "image.", "fusion": "fusion."}
 
 
 def stored_maps(fmap: torch.Tensor, pool: int = 1) -> torch.Tensor:
@@ -114,7 +114,7 @@ def joint_parts(ckpt: dict, weights: dict) -> dict:
     fusion checkpoint's. ``weights``: the joint state dict to split (e.g. its EMA weights)."""
     config = ckpt["model_config"]
     parts = {"pool": int(config["pool"])}
-    for part, prefix in PARTS.items():
+    for part, prefix in PART_PREFIXES.items():
         parts[part] = {"model_config": config["image" if part == "backbone" else "fusion"],
                        "state_dict": {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}}
     return parts

@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from chx.data.datasets import ImageDataset
+from chx.data.image_cache import open_image_cache
 from chx.data.manifest import class_columns, read_manifest
 from chx.data.transforms import Preprocess
 from chx.engine.compat import check_fusion_store, require_same_classes
@@ -37,7 +38,8 @@ def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, 
                     split: str = CompareOptions.split, *, workers: int = CompareOptions.workers,
                     batch_size: int = CompareOptions.batch_size,
                     groups=DEFAULT_GROUPS, bootstrap: int = BOOTSTRAP_RESAMPLES,
-                    class_sets: dict[str, list[str]] | None = None) -> dict[str, dict]:
+                    class_sets: dict[str, list[str]] | None = None,
+                    images_cache: str | None = None) -> dict[str, dict]:
     """Return {method: metrics summary (+ ``n_studies``)} for the stage-1 aggregations and fusion.
 
     With ``bootstrap`` resamples of the studies (0: no intervals) each summary has
@@ -57,7 +59,7 @@ def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, 
     prevalence = np.asarray(fckpt.get("class_prior") or bckpt["class_prior"])
 
     pre = Preprocess.from_dict(bckpt["preprocess"])
-    images_set = ImageDataset(df, images, pre, train=False, classes=classes)
+    images_set = ImageDataset(df, images, pre, train=False, classes=classes, cache=open_image_cache(images_cache, pre))
     probs = predict_images(model, images_set, batch_size=batch_size, workers=workers,
                           tta=bool(bckpt.get("tta", True)), desc=f"stage 1 on {split}")
 

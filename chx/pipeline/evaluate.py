@@ -12,6 +12,7 @@ a backbone) with ``bootstrap`` resamples (:func:`chx.metrics.uncertainty`; 0: no
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,12 @@ import polars as pl
 
 from chx.atomic import output_lock
 from chx.data.datasets import ImageDataset, label_matrix
+from chx.data.image_cache import open_image_cache
 from chx.data.manifest import class_columns, read_manifest
 from chx.data.study_images import StudyImageDataset
 from chx.data.transforms import Preprocess
 from chx.engine.compat import check_fusion_store, leakage_warning, require_same_classes
-from chx.engine.inference import load_backbone, predict_images, store_study_probs
+from chx.engine.inference import predict_images, store_study_probs
 from chx.engine.joint import predict_study_images
 from chx.engine.trainer import warn
 from chx.errors import ChxError
@@ -33,38 +35,104 @@ from chx.models import load_checkpoint, load_model
 from chx.pipeline.report import check_report_folder, write_report
 
 
-def _fusion_scores(ckpt: dict, store: str, split: str, views: str, batch_size: int):
-    scores, ds = store_study_probs(load_model(ckpt, kind="fusion"), store, split, views=views,
-                                   batch_size=batch_size)
-    return scores, (ds.labels if scores is not None else None), ds.study_ids
+class _Scorer:
+    """The scores of one checkpoint on a split of its data: ``scorer(split)`` -> (scores [N, K], or
+    None when the split has nothing to score; labels; ids). One subclass per checkpoint kind; the
+    model is built once, on first use, for every split scored (the evaluated one and the thresholds')."""
+    kind = ""
+    item, unit, id_name = "study", "studies", "study_id"
+
+    def __init__(self, ckpt: dict, views: str, batch_size: int, workers: int):
+        self.ckpt, self.views, self.batch_size, self.workers = ckpt, views, batch_size, workers
+        self.data: str | Path | None = None     # what is evaluated (store or manifest), for the report
+        self.available: list[str] = []           # the splits the data has
+
+    @cached_property
+    def model(self):
+        return load_model(self.ckpt, kind=self.kind)
 
 
-def _backbone_scores(checkpoint: Path, df: pl.DataFrame, images: Path, split: str, batch_size: int,
-                     workers: int):
-    part = df.filter(pl.col("split") == split)
-    if part.height == 0:
-        return None, None, []
-    model, ckpt = load_backbone(checkpoint)
-    classes = list(ckpt["class_names"])
-    ds = ImageDataset(part, images, Preprocess.from_dict(ckpt["preprocess"]), classes=classes)
-    ds.require_files()
-    scores = predict_images(model, ds, batch_size=batch_size, workers=workers, tta=bool(ckpt.get("tta", True)),
-                            desc=f"evaluate {split}")
-    return scores, label_matrix(part, classes), part["image_id"].to_list()
+class _FusionScorer(_Scorer):
+    """A fusion checkpoint, per study from the feature store (flipped maps: flip TTA)."""
+    kind = "fusion"
+
+    def __init__(self, ckpt: dict, checkpoint: Path, *, store, views, batch_size, workers, **_):
+        if store is None:
+            raise ChxError("a fusion checkpoint is evaluated on a feature store: give --store")
+        super().__init__(ckpt, views, batch_size, workers)
+        self.data = store
+        self.available = check_fusion_store(ckpt, checkpoint, store)
+
+    def __call__(self, split: str):
+        scores, ds = store_study_probs(self.model, self.data, split, views=self.views, batch_size=self.batch_size)
+        return scores, (ds.labels if scores is not None else None), ds.study_ids
 
 
-def _joint_scores(ckpt: dict, df: pl.DataFrame, images: Path, split: str, views: str, batch_size: int,
-                  workers: int):
-    model = load_model(ckpt, kind="joint")
-    ds = StudyImageDataset(df.filter(pl.col("split") == split), images,
-                           Preprocess.from_dict(ckpt["preprocess"]), max_views=model.max_views, views=views,
-                           classes=list(ckpt["class_names"]))
-    if len(ds) == 0:
-        return None, None, []
-    ds.require_files()
-    scores = predict_study_images(model, ds, batch_size=batch_size, workers=workers,
-                                  tta=bool(ckpt.get("tta", True)), desc=f"evaluate {split}")
-    return scores, ds.labels, ds.study_ids
+class _ManifestScorer(_Scorer):
+    """A checkpoint evaluated on a manifest's images: the manifest read once, its classes checked
+    against the checkpoint's, a warning when the evaluated split holds training patients."""
+
+    def __init__(self, ckpt: dict, checkpoint: Path, *, manifest, images, split, views, batch_size, workers,
+                 images_cache=None, **_):
+        if manifest is None or (images is None and images_cache is None):
+            raise ChxError(f"a {self.kind} checkpoint is evaluated on images: give --manifest and --images")
+        self.cache = open_image_cache(images_cache, Preprocess.from_dict(ckpt["preprocess"]))   # --images-cache
+        self.check_views(views)
+        super().__init__(ckpt, views, batch_size, workers)
+        self.data, self.images = manifest, images
+        self.df = read_manifest(manifest)
+        require_same_classes(class_columns(self.df), list(ckpt["class_names"]), str(manifest), str(checkpoint))
+        self.available = sorted(set(self.df["split"].drop_nulls().to_list()))
+        leak = leakage_warning(ckpt, self.rows(split), manifest, checkpoint)
+        if leak:
+            warn(leak)
+
+    def check_views(self, views: str) -> None:
+        pass
+
+    def rows(self, split: str) -> pl.DataFrame:
+        return self.df.filter(pl.col("split") == split)
+
+
+class _BackboneScorer(_ManifestScorer):
+    """A stage-1 checkpoint, per image (hflip TTA as trained)."""
+    kind, item, unit, id_name = "backbone", "image", "images", "image_id"
+
+    def check_views(self, views: str) -> None:
+        if views != "all":
+            raise ChxError("--views applies to fusion checkpoints (a backbone scores single images)")
+
+    def __call__(self, split: str):
+        part = self.rows(split)
+        if part.height == 0:
+            return None, None, []
+        ckpt, classes = self.ckpt, list(self.ckpt["class_names"])
+        ds = ImageDataset(part, self.images, Preprocess.from_dict(ckpt["preprocess"]), classes=classes,
+                          cache=self.cache)
+        ds.require_files()
+        scores = predict_images(self.model, ds, batch_size=self.batch_size, workers=self.workers,
+                                tta=bool(ckpt.get("tta", True)), desc=f"evaluate {split}")
+        return scores, label_matrix(part, classes), part["image_id"].to_list()
+
+
+class _JointScorer(_ManifestScorer):
+    """A joint checkpoint, per study from its images, as it validated (deterministic views, flip TTA)."""
+    kind = "joint"
+
+    def __call__(self, split: str):
+        ckpt, model = self.ckpt, self.model
+        ds = StudyImageDataset(self.rows(split), self.images, Preprocess.from_dict(ckpt["preprocess"]),
+                               max_views=model.max_views, views=self.views, classes=list(ckpt["class_names"]),
+                               cache=self.cache)
+        if len(ds) == 0:
+            return None, None, []
+        ds.require_files()
+        scores = predict_study_images(model, ds, batch_size=self.batch_size, workers=self.workers,
+                                      tta=bool(ckpt.get("tta", True)), desc=f"evaluate {split}")
+        return scores, ds.labels, ds.study_ids
+
+
+SCORERS = {s.kind: s for s in (_BackboneScorer, _FusionScorer, _JointScorer)}
 
 
 def evaluate(checkpoint: Path, out: Path, *, overwrite: bool = False, **options) -> dict:
@@ -82,49 +150,26 @@ def _evaluate(checkpoint: Path, out: Path, *, store: str | None = None, manifest
              views: str = EvaluateOptions.views, batch_size: int = EvaluateOptions.batch_size,
              workers: int = EvaluateOptions.workers, overwrite: bool = False,
              absent_classes: str = EvaluateOptions.absent_classes,
-             bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict:
+             bootstrap: int = BOOTSTRAP_RESAMPLES, images_cache: str | None = None) -> dict:
     ckpt = load_checkpoint(checkpoint)
     kind = ckpt.get("kind")
     classes = list(ckpt["class_names"])
-    if kind == "fusion":
-        if store is None:
-            raise ChxError("a fusion checkpoint is evaluated on a feature store: give --store")
-        available = check_fusion_store(ckpt, checkpoint, store)
-        compute = lambda sp: _fusion_scores(ckpt, store, sp, views, batch_size)  # noqa: E731
-    elif kind == "backbone":
-        if manifest is None or images is None:
-            raise ChxError("a backbone checkpoint is evaluated on images: give --manifest and --images")
-        if views != "all":
-            raise ChxError("--views applies to fusion checkpoints (a backbone scores single images)")
-        df = read_manifest(manifest)
-        require_same_classes(class_columns(df), classes, str(manifest), str(checkpoint))
-        available = sorted(set(df["split"].drop_nulls().to_list()))
-        compute = lambda sp: _backbone_scores(checkpoint, df, images, sp, batch_size, workers)  # noqa: E731
-    elif kind == "joint":
-        if manifest is None or images is None:
-            raise ChxError("a joint checkpoint is evaluated on images: give --manifest and --images")
-        df = read_manifest(manifest)
-        require_same_classes(class_columns(df), classes, str(manifest), str(checkpoint))
-        available = sorted(set(df["split"].drop_nulls().to_list()))
-        compute = lambda sp: _joint_scores(ckpt, df, images, sp, views, batch_size, workers)  # noqa: E731
-    else:
+    if kind not in SCORERS:
         raise ChxError(f"{checkpoint} is a {kind} checkpoint; evaluate a backbone, fusion or joint "
                        f"checkpoint")
-    if kind in ("backbone", "joint"):
-        leak = leakage_warning(ckpt, df.filter(pl.col("split") == split), manifest, checkpoint)
-        if leak:
-            warn(leak)
-    if split not in available:
-        raise ChxError(f"split {split!r} is not in the data (it has: {', '.join(available) or 'no splits'}); "
+    score = SCORERS[kind](ckpt, checkpoint, store=store, manifest=manifest, images=images, split=split,
+                          views=views, batch_size=batch_size, workers=workers, images_cache=images_cache)
+    if split not in score.available:
+        raise ChxError(f"split {split!r} is not in the data (it has: {', '.join(score.available) or 'no splits'}); "
                        f"use --split with one of them")
 
-    scores, labels, ids = compute(split)
+    scores, labels, ids = score(split)
     if scores is None:
-        raise ChxError(f"no {'image' if kind == 'backbone' else 'study'} of split {split!r} has a "
+        raise ChxError(f"no {score.item} of split {split!r} has a "
                        f"{views} view" if views != "all" else f"split {split!r} is empty")
     thresholds, tuned_on = None, None
-    if thresholds_from and thresholds_from != split and thresholds_from in available:
-        val_scores, val_labels, _ = compute(thresholds_from)
+    if thresholds_from and thresholds_from != split and thresholds_from in score.available:
+        val_scores, val_labels, _ = score(thresholds_from)
         if val_scores is not None:
             thresholds, tuned_on = tune_thresholds(val_scores, val_labels), thresholds_from
     train_counts = np.asarray(ckpt["train_counts"]) if ckpt.get("train_counts") else None
@@ -133,9 +178,9 @@ def _evaluate(checkpoint: Path, out: Path, *, store: str | None = None, manifest
                              groups=groups, prevalence=prevalence, absent=absent_classes, bootstrap=bootstrap)
     result["meta"] = {"checkpoint": str(checkpoint), "kind": kind, "split": split, "views": views,
                       "thresholds_from": tuned_on or "0.5 (no tuning split)",
-                      "data": str(store if kind == "fusion" else manifest)}
-    result["unit"] = "images" if kind == "backbone" else "studies"
+                      "data": str(score.data)}
+    result["unit"] = score.unit
     title = f"{kind} {checkpoint} on {split}" + (f" ({views} views)" if views != "all" else "")
     write_report(out, result, scores=scores, labels=labels, class_names=classes, title=title, ids=ids,
-                 id_name="image_id" if kind == "backbone" else "study_id", overwrite=overwrite)
+                 id_name=score.id_name, overwrite=overwrite)
     return result

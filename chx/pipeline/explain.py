@@ -5,7 +5,7 @@ the study's views; each cell the view's own image with the finding's map overlai
 pixels, captioned with the probability and, for fusion, that view's share of the attention), then
 ``explain.json`` (per study and finding: the probability, per view its share and peak in image
 pixels) and a static ``index.html`` gallery that works offline. The maps come from
-:mod:`chx.engine.explain`; the output folder is written atomically (whole, or not at all).
+:mod:`chx.engine.attribution`; the output folder is written atomically (whole, or not at all).
 """
 
 from __future__ import annotations
@@ -21,16 +21,41 @@ from PIL import Image, ImageDraw, ImageFont
 
 from chx.atomic import atomic_dir, json_text, output_lock
 from chx.data.manifest import portable_path
-from chx.engine.explain import Explanation, FusionExplainer, ImageExplainer
+from chx.engine.attribution import Explanation, FusionExplainer, ImageExplainer
+from chx.engine.ensemble import is_ensemble, read_ensemble
+from chx.engine.predictor import Predictor
 from chx.errors import ChxError
 
-__all__ = ["FusionExplainer", "ImageExplainer", "select_studies", "explain", "render_figure"]
+__all__ = ["load_explainer", "fusion_explainer", "select_studies", "explain", "render_figure"]
 
 # Figure layout, in figure pixels. A cell's long side is the image's, kept between these bounds,
 # so small images stay legible and large ones (3000 px DICOMs) stay a reasonable file.
 CELL_MIN, CELL_MAX = 160, 384
 LABEL_W, HEADER_H, CAPTION_H, PAD = 170, 40, 20, 6
 HEAT_ALPHA = 0.6        # opacity of the colour at a row's highest value (0 at its lowest)
+
+
+def load_explainer(bundle, backbone, fusion, checkpoint, method: str, device: str = "auto"):
+    """The explainer of the model(s) given: a stage-1 ``checkpoint`` alone (``method`` attention or
+    grad-cam), or the fusion pair (a bundle, or ``backbone`` + ``fusion``; attention only)."""
+    if checkpoint is not None:
+        if bundle or backbone or fusion:
+            raise ChxError("--checkpoint (a stage-1 model on its own) does not go with --bundle, --backbone "
+                           "or --fusion: give one model")
+        return ImageExplainer.load(checkpoint, device=device, method=method)
+    if is_ensemble(bundle):
+        names = ", ".join(m["path"] for m in read_ensemble(bundle)["members"])
+        raise ChxError(f"{bundle} is an ensemble bundle, whose members attend differently; explain them one by one "
+                       f"(--bundle {bundle}/members/NAME for a bundle, --checkpoint for a stage-1 member): {names}")
+    if method != "attention":
+        raise ChxError(f"--method {method} needs --checkpoint (a stage-1 model); fusion maps are its "
+                       f"attention: drop --method or give --checkpoint")
+    return fusion_explainer(Predictor.load(bundle, backbone, fusion, device=device))
+
+
+def fusion_explainer(predictor: Predictor) -> FusionExplainer:
+    """The explainer of a loaded fusion predictor (``chx predict --explain``: the models it predicted with)."""
+    return FusionExplainer(predictor)
 
 
 def select_studies(inputs: pl.DataFrame, limit: int | None = None) -> pl.DataFrame:

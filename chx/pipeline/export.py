@@ -33,6 +33,7 @@ from chx.config import OptionSpec, command_line
 from chx.data.manifest import file_sha256, portable_path, read_manifest, summarize
 from chx.data.transforms import Preprocess
 from chx.data.views import VIEWS
+from chx.engine.ensemble import is_ensemble
 from chx.engine.predictor import (FOLDER_CONFIG, FOLDER_WEIGHTS, INTEGRITY_KEY, Predictor, bundle_spec,
                                   folder_config, folder_tensors, integrity_record, joint_bundle, make_bundle,
                                   require_finite_weights)
@@ -50,6 +51,11 @@ def bundle_of(backbone: Path | None, fusion: Path | None, joint: Path | None = N
     if [backbone is not None, fusion is not None, joint is not None] not in ([True, True, False],
                                                                             [False, False, True]):
         raise ChxError("give both --backbone and --fusion, or --joint (a train-joint checkpoint) alone")
+    for given in (backbone, fusion, joint):
+        if is_ensemble(given):
+            raise ChxError(f"{given} is an ensemble bundle: it is already a bundle (predict and evaluate take the "
+                           f"folder; copy it whole); hf and onnx exports of an ensemble are not supported: "
+                           f"export its members")
     bundle = joint_bundle(joint) if joint is not None else make_bundle(backbone, fusion)
     source = str(joint or fusion)
     bundle_spec(bundle, source)              # distinct class names, valid preprocessing, class counts

@@ -21,6 +21,7 @@ from chx.data.datasets import check_paths
 from chx.data.images import dicom_tags, is_dicom
 from chx.data.manifest import read_manifest
 from chx.data.views import canonical_view, file_name_view
+from chx.engine.ensemble import EnsemblePredictor, is_ensemble
 from chx.engine.predictor import Predictor
 from chx.errors import ChxError
 
@@ -32,6 +33,10 @@ def load_predictor(runtime: str = "torch", bundle: Path | None = None, backbone:
                    fusion: Path | None = None, joint: Path | None = None, device: str = "auto"):
     """The predictor of the models given: torch (a bundle file or folder, the checkpoints) or
     onnxruntime (the folder of `chx export --format onnx`, on the CPU)."""
+    if is_ensemble(bundle):
+        if runtime != "torch" or backbone or fusion or joint:
+            raise ChxError(f"{bundle} is an ensemble bundle: give it alone as --bundle, with --runtime torch")
+        return EnsemblePredictor.load(bundle, device=device)
     if runtime == "torch":
         return Predictor.load(bundle, backbone, fusion, device=device, joint=joint)
     if runtime != "onnxruntime":

@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 
 from chx.data.datasets import ImageDataset, label_matrix
+from chx.data.image_cache import open_image_cache
 from chx.data.manifest import class_columns, read_manifest, validate, write_manifest
 from chx.data.transforms import Preprocess
 from chx.engine.compat import require_same_classes
@@ -20,13 +21,14 @@ from chx.options import PseudoLabelOptions
 
 def pseudo_label(checkpoint: Path, manifest: Path, images: Path, out: Path, *,
                  tta: bool = PseudoLabelOptions.tta, batch_size: int = PseudoLabelOptions.batch_size,
-                 workers: int = PseudoLabelOptions.workers, device: str = PseudoLabelOptions.device) -> dict:
+                 workers: int = PseudoLabelOptions.workers, device: str = PseudoLabelOptions.device,
+                 images_cache: str | None = None) -> dict:
     model, ckpt = load_backbone(checkpoint)
     df = read_manifest(manifest)
     classes = class_columns(df)
     require_same_classes(classes, ckpt["class_names"], str(manifest), str(checkpoint))
-    dataset = ImageDataset(df, images, Preprocess.from_dict(ckpt["preprocess"]), train=False,
-                           classes=classes)
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    dataset = ImageDataset(df, images, pre, train=False, classes=classes, cache=open_image_cache(images_cache, pre))
     dataset.require_files()
     dev = resolve_device(device)
     model.to(dev)

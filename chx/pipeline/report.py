@@ -100,6 +100,10 @@ def summary_table(result: dict) -> str:
     else:
         lines = ["| metric | value |", "|---|---:|"]
         lines += [f"| {label} | {_fmt_metric(key, result.get(key), result)} |" for label, key in MACRO_ROWS]
+    if result.get("members"):      # an ensemble: every member and the ensemble on the same rows
+        lines += ["", "| model | weight | mAP | mAUC | mF1 | n |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {md_cell(m['model'])} | {fmt(m.get('weight'))} | {fmt(m.get('mAP'))} | {fmt(m.get('mAUC'))} | "
+                  f"{fmt(m.get('mF1'))} | {fmt(m.get('n'))} |" for m in result["members"]]
     lines += ["", "| class | group | train | support | n | AP | AUROC | F1 | threshold |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in classes_by_frequency(result):

@@ -14,19 +14,20 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from chx.data.batch_augment import BatchAugment, augment_on_device
 from chx.data.datasets import ImageDataset, check_paths, label_matrix
+from chx.data.image_cache import open_image_cache
 from chx.data.manifest import class_columns, file_sha256, read_manifest, soft_label_count
 from chx.data.transforms import Preprocess
 from chx.engine.compat import training_patients
 from chx.engine.distributed import setup_distributed
 from chx.engine.inference import images_to, predict_images
 from chx.engine.objective import make_objective
-from chx.engine.trainer import (FitResult, Stage, TrainConfig, fit_stage,  # noqa: F401  (TrainConfig re-exported)
-                                require_training_split, warn, warn_no_validation)
+from chx.engine.trainer import FitResult, Stage, fit_stage, require_training_split, warn, warn_no_validation
 from chx.errors import ChxError
 from chx.models import create_model
 from chx.models.heads import check_head
-from chx.options import BackboneOptions
+from chx.options import BackboneOptions, TrainConfig
 
 
 def load_manifests(manifests: list[Path], images: list[Path]) -> tuple[pl.DataFrame, list[Path]]:
@@ -47,8 +48,9 @@ def load_manifests(manifests: list[Path], images: list[Path]) -> tuple[pl.DataFr
         if tables and class_columns(df) != class_columns(tables[0]):
             raise ChxError(f"{path} has other classes than {manifests[0]}: prepare both onto the same "
                            f"list (`chx prepare ... --classes`)")
-        root = Path(images[i] if len(images) > 1 else images[0])
-        if not root.is_dir():
+        root = images[i] if len(images) > 1 else images[0]
+        root = None if root is None else Path(root)    # None: every image comes from --images-cache
+        if root is not None and not root.is_dir():
             raise ChxError(f"--images {root} is not a folder")
         tables.append(df)
         roots += [root] * df.height
@@ -69,7 +71,9 @@ def split_rows(df: pl.DataFrame, roots: list[Path]):
 
 
 def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: BackboneOptions,
-                   cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> FitResult:
+                   cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                   images_cache: str | None = None) -> FitResult:
+    """``images_cache``: an image cache (`chx cache-images`) to read the images from (the same tensors)."""
     cfg.validate()
     check_head(opts.head, opts.csra_heads, opts.csra_lambda)
     ddp = setup_distributed(cfg.device)
@@ -78,9 +82,13 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
     (train_df, train_roots), (val_df, val_roots) = split_rows(df, roots)
     require_training_split(train_df.height, "rows", ", ".join(str(m) for m in manifests))
     pre = Preprocess(size=opts.size, mode=opts.resize)
-    train_set = ImageDataset(train_df, train_roots, pre, train=True, classes=classes,
-                             augment=dict(clahe=opts.clahe, coarse_dropout=opts.coarse_dropout))
-    val_set = ImageDataset(val_df, val_roots, pre, train=False, classes=classes) if val_df.height else None
+    cache = open_image_cache(images_cache, pre)
+    augment = dict(clahe=opts.clahe, coarse_dropout=opts.coarse_dropout)
+    on_device = augment_on_device(opts.augment_on, ddp.device)     # --augment-on
+    train_set = ImageDataset(train_df, train_roots, pre, train=True, classes=classes, augment=augment,
+                             cache=cache, device_augment=on_device)
+    val_set = ImageDataset(val_df, val_roots, pre, train=False, classes=classes, cache=cache) \
+        if val_df.height else None
     train_set.require_files("training")
     if val_set is not None:
         val_set.require_files("validation")
@@ -97,8 +105,13 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
     if opts.grad_checkpointing:
         model.set_grad_checkpointing(True)
 
+    device_augment = BatchAugment(pre, **augment) if on_device else None
+
     def batch_loss(model, batch, device):
-        logits = model(images_to(batch["image"], device))
+        images = batch["image"]
+        if device_augment is not None:    # the workers sent them un-augmented, with their seeds
+            images = device_augment(images.to(device, non_blocking=True), batch["seed"])
+        logits = model(images_to(images, device))
         return objective.loss(logits, batch["target"].to(device, non_blocking=True))
 
     evaluate = None
@@ -117,7 +130,7 @@ def train_backbone(manifests: list[Path], images: list[Path], out: Path, opts: B
         **objective.meta(),
         "tta": opts.tta,
         "options": {**asdict(opts), "manifests": [str(m) for m in manifests],
-                    "images": [str(i) for i in images]},
+                    "images": [str(i) for i in images], "images_cache": images_cache},
         # a manifest changed after training (e.g. prepare rerun with another --seed) is noticed
         "manifest_sha256": {str(m): file_sha256(m) for m in manifests},
         # ... and so is one re-split, renamed or edited: the training split's patients, by content

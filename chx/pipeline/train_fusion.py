@@ -18,10 +18,9 @@ from chx.engine.compat import store_data_sha256
 from chx.engine.distributed import setup_distributed
 from chx.engine.inference import predict_studies
 from chx.engine.objective import make_objective
-from chx.engine.trainer import (FitResult, Stage, TrainConfig, fit_stage,  # noqa: F401  (TrainConfig re-exported)
-                                require_training_split, warn, warn_no_validation)
+from chx.engine.trainer import FitResult, Stage, fit_stage, require_training_split, warn, warn_no_validation
 from chx.models import create_model
-from chx.options import FusionOptions
+from chx.options import FusionOptions, TrainConfig
 from chx.store import open_store
 
 

@@ -25,6 +25,7 @@ import torch
 
 from chx.data.datasets import check_paths
 from chx.data.manifest import class_columns, file_sha256, read_manifest, soft_label_count
+from chx.data.image_cache import open_image_cache
 from chx.data.study_images import StudyImageDataset, collate_study_images
 from chx.data.transforms import Preprocess
 from chx.engine.compat import leakage_warning, require_same_backbone, require_same_classes, training_patients
@@ -32,12 +33,11 @@ from chx.engine.distributed import setup_distributed
 from chx.engine.inference import images_to
 from chx.engine.joint import predict_study_images
 from chx.engine.objective import make_objective
-from chx.engine.trainer import (FitResult, Stage, TrainConfig, fit_stage, require_training_split, warn,
-                                warn_no_validation)
+from chx.engine.trainer import FitResult, Stage, fit_stage, require_training_split, warn, warn_no_validation
 from chx.errors import ChxError
 from chx.models import create_model, eval_weights, load_checkpoint, load_model, weights_hash
-from chx.models.joint import PARTS, JointModel
-from chx.options import FusionOptions, JointOptions
+from chx.models.joint import PART_PREFIXES, JointModel
+from chx.options import FusionOptions, JointOptions, TrainConfig
 
 
 def joint_model(s1: dict, backbone: Path, fusion_ckpt: dict | None, fusion: Path | None,
@@ -72,7 +72,8 @@ def joint_model(s1: dict, backbone: Path, fusion_ckpt: dict | None, fusion: Path
 
 def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: JointOptions,
                 cfg: TrainConfig, *, fusion: Path | None = None, resume: bool = False,
-                overwrite: bool = False) -> FitResult:
+                overwrite: bool = False, images_cache: str | None = None) -> FitResult:
+    """``images_cache``: an image cache (`chx cache-images`) to read the views from (the same tensors)."""
     opts.validate()
     cfg.validate()
     ddp = setup_distributed(cfg.device)
@@ -81,7 +82,7 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
     soft = soft_label_count(df)
     if soft:
         warn(f"note: {manifest} holds {soft:,} soft labels (between 0 and 1): trained as pseudo labels")
-    if not Path(images).is_dir():
+    if images_cache is None and not Path(images).is_dir():
         raise ChxError(f"--images {images} is not a folder")
     classes = class_columns(df)
     s1 = load_checkpoint(backbone, kind="backbone")
@@ -98,10 +99,11 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
     pre = Preprocess.from_dict(s1["preprocess"])
     train_df = df.filter(pl.col("split").is_null() | (pl.col("split") == "train"))
     val_df = df.filter(pl.col("split") == "val")
+    cache = open_image_cache(images_cache, pre)
     train_set = StudyImageDataset(train_df, images, pre, max_views=model.max_views, train=True,
-                                  shuffle=opts.shuffle, classes=classes)
+                                  shuffle=opts.shuffle, classes=classes, cache=cache)
     require_training_split(len(train_set), "studies", str(manifest))
-    val_set = StudyImageDataset(val_df, images, pre, max_views=model.max_views, classes=classes)
+    val_set = StudyImageDataset(val_df, images, pre, max_views=model.max_views, classes=classes, cache=cache)
     train_set.require_files("training")
     val_set.require_files("validation")
     objective = make_objective(train_set.labels, classes, balance=opts.balance, seed=cfg.seed, ddp=ddp,
@@ -130,7 +132,7 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
         "preprocess": pre.to_dict(),
         **objective.meta(),
         "tta": opts.tta,
-        "options": {**asdict(opts), "manifest": str(manifest), "images": str(images),
+        "options": {**asdict(opts), "manifest": str(manifest), "images": str(images), "images_cache": images_cache,
                     "backbone": str(backbone), "fusion": None if fusion is None else str(fusion)},
         "manifest_sha256": {str(manifest): file_sha256(manifest)},
         "train_patients": training_patients(train_df),
@@ -141,5 +143,5 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
     }
     stage = Stage(model=model, train_set=train_set, sampler=objective.sampler, batch_loss=batch_loss,
                   evaluate=evaluate, meta=meta, collate_fn=collate_study_images,
-                  lr_mults={PARTS["backbone"]: opts.backbone_lr_mult})
+                  lr_mults={PART_PREFIXES["backbone"]: opts.backbone_lr_mult})
     return fit_stage(stage, cfg, out, resume=resume, overwrite=overwrite, ddp=ddp)

@@ -17,17 +17,24 @@ CRC-32C per row and map array, and every checksum is bound to its place: fingerp
 ids; checked on every read), ``meta_crc`` (a checksum of each metadata array, checked at open) and,
 HDF5, ``in_flight`` (the shard being written; checked on reopen). Stores without ``integrity`` are
 read as before. Format 1 (older stores: one object per image, a ``done`` flag per
-image, float16) is still opened, read and written.
+image, float16) is still opened and read; create_store reopens one for writing only when
+format_version=1 is asked for (tests of older stores), so extract-features asks for --overwrite.
+
+Readers use the public reads (``read_rows``, ``read_study``, ``read_shard``...), every row checked.
 """
 
 from chx.store._api import backend_class, create_store, is_hdf5_path, open_store
 from chx.store._buffer import ShardBuffer
-from chx.store._base import (FeatureStore, ShardProblem, StoredMaps, StudyFeatures, VerifyReport, local_path,
-                             projected_size)
+from chx.store._base import FeatureStore
+from chx.store._common import local_path, projected_size
+from chx.store._read import StoredMaps, StudyFeatures
+from chx.store._report import ShardProblem, VerifyReport
 from chx.store._layout import FORMAT_VERSION, StoreSpec, fingerprint_diff
 from chx.store._codec import DTYPES, default_shard_images
 from chx.store._codec import decode as decode_maps
+from chx.store._remote import stopped_answering
 
 __all__ = ["FeatureStore", "ShardBuffer", "StudyFeatures", "StoredMaps", "StoreSpec", "VerifyReport", "ShardProblem",
            "create_store", "open_store", "backend_class", "projected_size", "default_shard_images", "is_hdf5_path",
-           "local_path", "FORMAT_VERSION", "DTYPES", "decode_maps", "fingerprint_diff"]
+           "local_path", "FORMAT_VERSION", "DTYPES", "decode_maps", "fingerprint_diff",
+           "stopped_answering"]

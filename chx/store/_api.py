@@ -7,7 +7,8 @@ from typing import Sequence
 
 from chx.errors import ChxError
 from chx.store import _codec
-from chx.store._base import FeatureStore, local_path
+from chx.store._base import FeatureStore
+from chx.store._common import local_path
 from chx.store._layout import (FORMAT_VERSION, LEGACY_SHARD_IMAGES, StoreSpec, build_layout, check_feature_shape,
                                normalise_fingerprint)
 
@@ -81,7 +82,6 @@ def create_store(path, *, image_ids: Sequence[str], study_ids: Sequence[str], vi
     cls = backend_class(path)
     spec = _spec(image_ids, study_ids, views, splits, labels, class_names, feature_shape, fingerprint, flip,
                  compress, dtype, shard_images, format_version)
-    explicit = {"format_version": format_version, "shard_images": None if shard_images is None else spec.shard_images}
 
     state, reason = cls.probe(path)
     if state == "foreign":
@@ -93,7 +93,7 @@ def create_store(path, *, image_ids: Sequence[str], study_ids: Sequence[str], vi
     if state == "damaged" and not overwrite:
         raise ChxError(f"{path} exists but is not a usable feature store ({reason}); use --overwrite to replace it")
     if state == "store" and not overwrite:
-        return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
+        return _reopen(path, spec)
     if state == "creating":   # object storage: another writer is creating it (or was interrupted): join it
         try:
             cls.create(path, spec, replace=False)
@@ -101,18 +101,18 @@ def create_store(path, *, image_ids: Sequence[str], study_ids: Sequence[str], vi
             if not overwrite:
                 raise
             cls.create(path, spec, replace=True)
-        return _reopen_shared(cls, path, spec, image_ids, study_ids, views, splits, labels, explicit)
+        return _reopen_shared(cls, path, spec)
     try:
         created = cls.create(path, spec, replace=(state != "absent"))
     except OSError as e:   # an unwritable or missing folder, a full disk: the user's to fix
         raise ChxError(f"could not create feature store {path}: {e.strerror or e}; choose another store path, "
                        f"or fix the folder (permissions, free space)") from None
     if not created:   # another process created it meanwhile: same checks as a resume
-        return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
+        return _reopen(path, spec)
     if local_path(path) is None:
         # Object storage, where several writers may have created it at once: the same checks as a
         # resume (an identical layout is accepted, anything else refused).
-        return _reopen_shared(cls, path, spec, image_ids, study_ids, views, splits, labels, explicit)
+        return _reopen_shared(cls, path, spec)
     return open_store(path, "r+")
 
 
@@ -134,28 +134,29 @@ def _spec(image_ids, study_ids, views, splits, labels, class_names, feature_shap
     s = LEGACY_SHARD_IMAGES if version == 1 else \
         min(int(shard_images), layout.n_images) if shard_images is not None else \
         _codec.default_shard_images(layout.n_images, shape, dtype, bool(flip))
+    pinned = tuple(k for k, v in (("format_version", format_version), ("shard_images", shard_images)) if v is not None)
     return StoreSpec(layout=layout, class_names=classes, feature_shape=shape,
                      fingerprint=normalise_fingerprint(fingerprint), flip=bool(flip), dtype=dtype,
-                     compress=bool(compress), format_version=version, shard_images=s)
+                     compress=bool(compress), format_version=version, shard_images=s, pinned=pinned)
 
 
-def _reopen_shared(cls, path, spec, image_ids, study_ids, views, splits, labels, explicit) -> FeatureStore:
+def _reopen_shared(cls, path, spec: StoreSpec) -> FeatureStore:
     """_reopen after an idempotent creation on object storage. A writer that started creating at
     the same time can still overwrite the finished root group with its first, marker-only version
     (a check-then-write gap of one request): then the creation is simply written again, once."""
     try:
-        return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
+        return _reopen(path, spec)
     except ChxError:
         if cls.probe(path)[0] != "creating":
             raise
     cls.create(path, spec, replace=False)
-    return _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit)
+    return _reopen(path, spec)
 
 
-def _reopen(path, spec, image_ids, study_ids, views, splits, labels, explicit) -> FeatureStore:
+def _reopen(path, spec: StoreSpec) -> FeatureStore:
     store = backend_class(path)(path, "r+", refresh_meta=True)   # damaged views/splits/labels: rewritten
     try:
-        return store._reopen(spec, image_ids, study_ids, views, splits, labels, explicit)
+        return store._reopen(spec)
     except BaseException:
         store.close()
         raise

@@ -19,11 +19,6 @@ class ShardBuffer:
         self._owned = {int(s) for s in np.asarray(shards, dtype=np.int64).reshape(-1)}
         self._open: dict[int, tuple[np.ndarray, np.ndarray | None, np.ndarray]] = {}   # maps, flips, filled
 
-    @property
-    def pending_rows(self) -> int:
-        """Rows buffered in shards not yet written."""
-        return int(sum(filled.sum() for _, _, filled in self._open.values()))
-
     def add(self, rows, features, features_flip=None) -> list[int]:
         """Buffer maps [len(rows), C, H, W] of store rows; returns the shards this call wrote."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)

@@ -1,12 +1,15 @@
 """How feature maps are stored: the dtype encodings, the per-shard checksum and the shard size rule.
 
-Three stored dtypes; every read decodes to float16 (what the fusion model consumes):
+Three stored dtypes of feature maps; every read of them decodes to float16 (what the fusion model
+consumes); and ``uint8``, the image cache's (``chx cache-images``: images quantized to 8-bit steps),
+stored and read back as is:
 
 - ``float16``: the maps as float16 (2 bytes per value), decoded as is.
 - ``bfloat16``: the upper 16 bits of the float32 value, rounded to nearest even, kept as uint16
   bits (2 bytes per value): 8 significant bits (3 fewer than float16), so
   |decode(encode(x)) - x| <= 2**-8 * |x| + 2**-25 (the second term: float16's subnormal half-step).
   Decoded to float16; values beyond float16's +-65504 are clipped to it (backbone maps are far inside).
+- ``uint8``: values 0..255 as given (floats are rounded and clipped), decoded as is (uint8).
 - ``float8``: e4m3 (``torch.float8_e4m3fn``: 4 exponent bits, 3 mantissa bits, max 448) of the
   value divided by a per-image, per-channel float32 scale = amax / 448 (amax = the channel's max
   |value| in that image), kept as uint8 (1 byte per value + 4 bytes per channel). Round-trip
@@ -25,8 +28,10 @@ from typing import Sequence
 
 import numpy as np
 
-DTYPES = ("float16", "bfloat16", "float8")
-STORED_NUMPY = {"float16": np.dtype("float16"), "bfloat16": np.dtype("uint16"), "float8": np.dtype("uint8")}
+FEATURE_DTYPES = ("float16", "bfloat16", "float8")    # what extract-features may write (--dtype)
+DTYPES = FEATURE_DTYPES + ("uint8",)                  # what a store may hold (uint8: the image cache)
+STORED_NUMPY = {"float16": np.dtype("float16"), "bfloat16": np.dtype("uint16"), "float8": np.dtype("uint8"),
+                "uint8": np.dtype("uint8")}
 DECODED_DTYPE = np.dtype("float16")
 FLOAT8_MAX = 448.0                     # largest finite e4m3fn value
 FLOAT16_MAX = 65504.0
@@ -87,6 +92,11 @@ def encode(maps: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]
     ~6 ms per 768x32x32 map."""
     if dtype == "float16":
         return np.ascontiguousarray(maps, dtype=np.float16), None
+    if dtype == "uint8":
+        maps = np.asarray(maps)
+        if maps.dtype != np.uint8:
+            maps = np.clip(np.rint(maps), 0, 255)
+        return np.ascontiguousarray(maps, dtype=np.uint8), None
     import torch   # fast casts to bfloat16 / float8 (numpy has neither)
 
     src = torch.from_numpy(np.ascontiguousarray(maps))
@@ -105,7 +115,8 @@ def encode(maps: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]
 
 
 def decode(stored, dtype: str, scale=None):
-    """Stored maps [n, C, H, W] -> float16 [n, C, H, W] (float8 needs its scale [n, C] float32).
+    """Stored maps [n, C, H, W] -> float16 [n, C, H, W] (float8 needs its scale [n, C] float32); uint8
+    stays uint8 (the image cache's rows).
 
     numpy in, numpy out; a torch tensor in (e.g. raw maps already moved to the GPU), a tensor out
     on the same device, so a reader can decode where the compute is: on one CPU core float8 decodes
@@ -113,7 +124,7 @@ def decode(stored, dtype: str, scale=None):
     import torch
 
     as_numpy = isinstance(stored, np.ndarray)
-    if dtype == "float16":
+    if dtype in ("float16", "uint8"):
         return stored
     t = torch.from_numpy(np.ascontiguousarray(stored)) if as_numpy else stored
     if dtype == "bfloat16":
@@ -180,6 +191,8 @@ def meta_crc32c(values) -> int:
 def nonfinite_rows(stored: np.ndarray, dtype: str) -> np.ndarray:
     """bool [n]: which rows of stored maps [n, ...] hold NaN or inf (from the bits, no decode)."""
     flat = np.ascontiguousarray(stored).reshape(len(stored), -1)
+    if dtype == "uint8":                       # integers: never NaN or inf
+        return np.zeros(len(flat), dtype=bool)
     if dtype == "float8":                      # e4m3fn: no inf; NaN is S.1111.111
         return ((flat.view(np.uint8) & 0x7F) == 0x7F).any(axis=1)
     bits = flat.view(np.uint16)

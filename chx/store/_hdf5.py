@@ -21,7 +21,8 @@ import numpy as np
 
 from chx.errors import ChxError
 from chx.store import _codec
-from chx.store._base import HINT_RECREATE, FeatureStore, contiguous_runs, is_provably_ours, local_path
+from chx.store._base import FeatureStore
+from chx.store._common import HINT_RECREATE, contiguous_runs, is_provably_ours, local_path
 from chx.store._layout import StoreSpec
 
 META_CHUNK = 65536
@@ -228,7 +229,7 @@ class HDF5FeatureStore(FeatureStore):
         self._file.flush()
 
     def _clear_done(self, units: np.ndarray) -> None:
-        ds = self._ds["shard_done" if self.is_sharded else "done"]
+        ds = self._ds[self._done_array]
         for a, b, _ in contiguous_runs(np.sort(units)):
             ds[a:b] = 0
         self._file.flush()

@@ -16,7 +16,7 @@ from chx.store import _codec
 FORMAT_VERSION = 2                      # the layout new stores get; 1 is still read and written
 LEGACY_SHARD_IMAGES = 64                # format 1 has no shards: blocks of 64 rows stand in for them
 MARKER = "chx_feature_store"            # attribute that proves a store is chx's (format 2)
-DONE_HEAD = 4                           # a done record's flag + 3 shard checksums (chx.store._base.DONE_FIELDS)
+DONE_HEAD = 4                           # a done record's flag + 3 shard checksums (chx.store._common.DONE_FIELDS)
 
 
 def normalise_fingerprint(fingerprint: dict) -> dict:
@@ -74,6 +74,8 @@ class StoreSpec:
     format_version: int = FORMAT_VERSION
     shard_images: int = LEGACY_SHARD_IMAGES   # images per shard (format 2); unused by format 1
     integrity: int = field(default_factory=lambda: _codec.INTEGRITY)   # 0: as stores were before issue 26
+    pinned: tuple[str, ...] = ()          # layout options the caller set ("format_version", "shard_images"):
+                                          # a reopened store must have them as asked
 
     @property
     def n_shards(self) -> int:

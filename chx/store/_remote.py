@@ -80,6 +80,29 @@ def filesystem(path):
     return fs, root
 
 
+# What botocore/aiobotocore/aiohttp raise (by class name, the packages being optional) when the
+# endpoint does not answer: refused or reset connections, a server gone mid-request, timeouts.
+NO_ANSWER = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ClientConnectorError", "ServerDisconnectedError", "ServerTimeoutError", "ClientPayloadError",
+    "ResponseStreamingError", "IncompleteReadError", "TimeoutError", "ConnectionRefusedError",
+    "ConnectionResetError", "BrokenPipeError", "ProxyConnectionError"})
+
+
+def stopped_answering(path, e: BaseException) -> ChxError | None:
+    """The one line for an object store that stopped answering while a command used it (the
+    endpoint went away mid-write or mid-read, after the first checks passed); None for anything else
+    and for local paths (their OSErrors are the caller's)."""
+    if not protocol(path) or not {c.__name__ for c in type(e).__mro__} & NO_ANSWER:
+        return None
+    text = " ".join(str(e).split())[:160]
+    bound_by = (f"each request bounded by CHX_S3_CONNECT_TIMEOUT/CHX_S3_READ_TIMEOUT, {retries()} tries"
+                if protocol(path) in S3_PROTOCOLS else "")
+    return ChxError(f"store {path}: the object store stopped answering ({type(e).__name__}: {text}"
+                    f"{'; ' + bound_by if bound_by else ''}); rerun the same command to resume: finished "
+                    f"shards are kept")
+
+
 def error(path, e: BaseException) -> ChxError | None:
     """The one line for a storage error that is the user's to fix (missing bucket, refused
     credentials, unreachable endpoint, timeout); None for anything else."""
@@ -97,9 +120,7 @@ def error(path, e: BaseException) -> ChxError | None:
         who = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's policy"
                if s3 else "check the credentials")
         return ChxError(f"feature store {path}: access denied ({text}); {who}")
-    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                "ClientConnectorError", "ServerTimeoutError", "TimeoutError", "ConnectionRefusedError",
-                "NoCredentialsError", "ProxyConnectionError"}:
+    if names & (NO_ANSWER | {"NoCredentialsError"}):
         if name == "NoCredentialsError":
             return ChxError(f"feature store {path}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
                             f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")

@@ -30,7 +30,7 @@ from torch import nn
 
 from chx.data.images import read_image
 from chx.data.transforms import Preprocess
-from chx.data.views import FRONTAL, LATERAL, deterministic_view_order, view_type
+from chx.data.views import FRONTAL_TYPE, LATERAL_TYPE, deterministic_view_order, view_type
 from chx.engine.distributed import resolve_device
 from chx.engine.inference import feature_maps, load_backbone
 from chx.engine.predictor import Predictor, load_images, study_views
@@ -308,9 +308,9 @@ def score_explanation(expl: Explanation, positives: list[str],
     for name in positives:
         k = expl.class_names.index(name)
         by_type = {t: float(sum(shares[n, k] for n in range(len(types)) if types[n] == code))
-                   for t, code in (("frontal", FRONTAL), ("lateral", LATERAL))}
+                   for t, code in (("frontal", FRONTAL_TYPE), ("lateral", LATERAL_TYPE))}
         rec = {"study_id": expl.study_id, "finding": name, "share": by_type,
-               "both_types": FRONTAL in types and LATERAL in types,
+               "both_types": FRONTAL_TYPE in types and LATERAL_TYPE in types,
                "hit": None, "chance": None, "box_chance": None, "view_hits": [], "view_chances": []}
         shown = [n for n, v in enumerate(expl.views) if (v.image_id, name) in boxes]
         if shown:
