@@ -163,7 +163,7 @@ class FusionPlus(O.FusionOptions):
 @pytest.fixture
 def extended_cli(monkeypatch):
     """The training commands built again with FusionOptions -> FusionPlus, as if the field were in
-    chx/options.py."""
+    chx/options/."""
     import chx.cli.train
 
     monkeypatch.setattr(O, "FusionOptions", FusionPlus)
