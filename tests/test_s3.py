@@ -25,7 +25,7 @@ pytest.importorskip("s3fs", reason="needs the s3 extra: pip install 'chx[s3]'")
 moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (pip install 'chx[dev]')")
 
 from helpers import ROOT, run_chx, shared_path  # noqa: E402
-from test_store import image_features, make_inputs  # noqa: E402
+from test_store import image_features, make_inputs, write_shard  # noqa: E402
 
 from chx.errors import ChxError  # noqa: E402
 from chx.store import create_store, open_store  # noqa: E402
@@ -105,6 +105,61 @@ def _maps(store) -> dict:
             a, b = s.shard_rows(sh)
             out.update(zip(s.image_ids[a:b], s.read_shard(sh)[0]))
     return out
+
+
+# ------------------------------------------------------------------------------- request counts
+@pytest.fixture
+def requests(monkeypatch):
+    """Every S3 request this process makes, as (operation, key): s3fs's one call per request, counted
+    and passed through to the server unchanged."""
+    import s3fs
+
+    made, real = [], s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kw):
+        made.append((method, kw.get("Key", "")))
+        return await real(self, method, *args, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    return made
+
+
+def test_request_counts_of_a_shard_write_a_shard_read_and_a_study(s3, requests):
+    """What a store costs on S3 over a plain object (1 PUT to write, 1 GET to read): a shard write is
+    3 requests (its done record deleted, the shard object put whole, the done record put), a shard
+    read 2 (one ranged GET of the rows, one of the done record with the rows' checksums; the record
+    is kept once the store is complete, so a second read is 1), a study 1 (2 in a shard not read yet).
+    Each row still checked against its checksum: a changed byte is refused."""
+    url = _url("count")
+    with create_store(url, **make_inputs(n_studies=14, seed=3), flip=False, shard_images=4) as s:
+        requests.clear()
+        write_shard(s, 0)
+        assert [m for m, _ in requests] == ["delete_object", "put_object", "put_object"], requests
+        assert requests[1][1].endswith("/features/c.0.0.0.0") and requests[2][1].endswith("/shard_done/c.0.0")
+        for sh in range(1, s.n_shards):
+            write_shard(s, sh)
+        s.mark_complete()
+        ptr = s.study_ptr
+    with open_store(url, require_complete=True) as s:
+        requests.clear()
+        maps = s.read_shard(1)[0]
+        assert [m for m, _ in requests] == ["get_object"] * 2, requests
+        assert np.array_equal(maps, image_features(s.image_ids[4:8]).astype(np.float16))
+        requests.clear()
+        s.read_shard(1)
+        assert len(requests) == 1, requests
+        late = int(np.flatnonzero(ptr[:-1] >= 2 * 4)[-1])            # a study in a shard not read yet
+        for i, most in ((late, 2), (late, 1), (int(np.flatnonzero(ptr[:-1] // 4 == 1)[0]), 1)):
+            requests.clear()
+            st = s.read_study(i)
+            assert len(requests) <= most, (i, requests)
+            assert np.array_equal(st.features, image_features(st.image_ids).astype(np.float16))
+    key = url.removeprefix("s3://") + "/features/c.1.0.0.0"
+    raw = bytearray(s3.cat_file(key))
+    raw[100] ^= 1
+    s3.pipe_file(key, bytes(raw))
+    with open_store(url) as s, pytest.raises(ChxError, match="do not match their checksum"):
+        s.read_shard(1)
 
 
 # ------------------------------------------------------------------------------- store API, fast
@@ -308,7 +363,7 @@ def test_killed_writer_resumes(s3, capsys, small):
                 break
         except FileNotFoundError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.01)     # a shard is written in 3 requests: poll often, or the writer finishes first
     assert p.poll() is None, "the writer finished before it could be killed"
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=60)
@@ -346,7 +401,7 @@ def test_server_stopping_mid_extraction_is_one_line_then_a_rerun_resumes(s3, sma
                     break
             except FileNotFoundError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.01)     # a shard is written in 3 requests: poll often, or the writer finishes first
         assert p.poll() is None, "the writer finished before the server could be stopped"
     finally:
         server.stop()

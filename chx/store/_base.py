@@ -268,7 +268,15 @@ class FeatureStore(OpenChecks, Integrity, Reading, Writing):
 
     @property
     def complete(self) -> bool:
-        return bool(self._read_attrs().get("complete", False))
+        """Read fresh (another process may mark it); a read-only handle keeps a True it has seen, as it
+        keeps the done records then (nothing rewrites a complete store's shards: on object storage
+        each read would otherwise cost two requests for the attributes)."""
+        if not self.writable and (self.__dict__.get("_seen_complete") or self.__dict__.get("_attrs", {}).get("complete")):
+            return True
+        done = bool(self._read_attrs().get("complete", False))
+        if done and not self.writable:
+            self._seen_complete = True
+        return done
 
     # ----------------------------------------------------------------------------------------- shards
     def shard_rows(self, s: int) -> tuple[int, int]:

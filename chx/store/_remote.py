@@ -95,6 +95,11 @@ def stopped_answering(path, e: BaseException) -> ChxError | None:
     and for local paths (their OSErrors are the caller's)."""
     if not protocol(path) or not {c.__name__ for c in type(e).__mro__} & NO_ANSWER:
         return None
+    import logging
+
+    # Requests still in flight fail the same way, and aiohttp's tasks of them would each log a traceback
+    # ("Task exception was never retrieved") when collected: the one line below says it all.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     text = " ".join(str(e).split())[:160]
     bound_by = (f"each request bounded by CHX_S3_CONNECT_TIMEOUT/CHX_S3_READ_TIMEOUT, {retries()} tries"
                 if protocol(path) in S3_PROTOCOLS else "")

@@ -12,6 +12,13 @@ object is simply:
 That is the Zarr v3 sharding specification, so zarr reads what this module writes and the other way
 round (tests/test_store.py checks both). A shard is written to a temp name beside its key, then
 renamed: a writer killed mid-shard never leaves a partial object under the real name.
+
+On object storage (an async fsspec filesystem: s3fs, or fsspec's wrapper of memory://) the same
+bytes are one PUT (:func:`put_shard`: a PUT replaces an object whole, so nothing is deleted first)
+and rows are one ranged GET (:func:`get_rows`: no HEAD, no index read; what stands in for the index
+is the reader's check of every row against its bound CRC-32C, so it is used only on stores that
+have them). These are what the store makes of a shard write and read on S3 (tests/test_s3.py counts
+the requests).
 """
 
 from __future__ import annotations
@@ -62,6 +69,52 @@ def write_shard(path: Path, values: np.ndarray, shard_images: int) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+async def put_shard(fs, path: str, values: np.ndarray, shard_images: int) -> None:
+    """Object storage: rows [k, *chunk] (k <= shard_images) as one shard object, in one PUT."""
+    values = np.ascontiguousarray(values)
+    chunk_nbytes = values[0].nbytes if len(values) else 0
+    data = b"".join((memoryview(values.reshape(-1).view(np.uint8)), _index_bytes(len(values), shard_images,
+                                                                                  chunk_nbytes)))
+    await fs._pipe_file(path, data)
+
+
+async def get_rows(fs, path: str, lo: int, hi: int, chunk_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Object storage: rows lo..hi-1 of one shard object as chx writes it (inner chunks in order from
+    byte 0), in one ranged GET -> [hi - lo, *chunk_shape]. The caller checks each row's checksum."""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    chunk_nbytes = int(np.prod(chunk_shape)) * dtype.itemsize
+    name = path.rsplit("/", 1)[-1]
+    try:
+        data = await fs._cat_file(path, start=lo * chunk_nbytes, end=hi * chunk_nbytes)
+    except FileNotFoundError:
+        raise ShardFileError(f"shard object {name} is missing", missing=True) from None
+    except OSError as e:
+        if "not satisfiable" not in str(e):      # S3's answer to a range past the object's end
+            raise
+        data = b""
+    if len(data) != (hi - lo) * chunk_nbytes:
+        raise ShardFileError(f"shard object {name} is truncated ({len(data)} of {(hi - lo) * chunk_nbytes} bytes "
+                             f"of rows {lo}..{hi - 1})", row=lo + len(data) // max(chunk_nbytes, 1))
+    return np.frombuffer(data, dtype=dtype).reshape(hi - lo, *chunk_shape).copy()   # writable, as read_rows
+
+
+async def get_records(fs, paths: list[str], width: int) -> np.ndarray:
+    """Object storage: [len(paths), width] uint32 done records (plain little-endian chunks), one GET
+    each, concurrently; an absent object reads as zeros (not done), a wrong size raises ValueError."""
+    import asyncio
+
+    async def one(path):
+        try:
+            raw = await fs._cat_file(path, start=0, end=4 * width)
+        except FileNotFoundError:
+            return np.zeros(width, dtype=np.uint32)
+        if len(raw) != 4 * width:
+            raise ValueError(f"done record {path.rsplit('/', 1)[-1]} holds {len(raw)} bytes, not {4 * width}")
+        return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+
+    return np.stack(await asyncio.gather(*map(one, paths))).reshape(-1, width)
 
 
 def read_rows(path: Path, lo: int, hi: int, shard_images: int, chunk_shape: tuple[int, ...],

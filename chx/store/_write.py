@@ -112,7 +112,8 @@ class Writing:
 
     def _encode(self, maps: np.ndarray, rows: np.ndarray):
         if self.dtype != "float8":        # float8's encode finds them itself (it cannot scale them)
-            bad = ~np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)
+            bad = _codec.nonfinite_rows(maps, "float16") if maps.dtype == np.float16 \
+                else ~np.isfinite(maps.reshape(len(maps), -1)).all(axis=1)      # float16: from the bits, 3x faster
             if bad.any():
                 raise ChxError(f"feature store {self.path}: the maps of image "
                                f"{self._image_ids[int(rows[int(np.flatnonzero(bad)[0])])]!r} hold NaN or inf; a store "

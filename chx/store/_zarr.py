@@ -206,8 +206,15 @@ class ZarrFeatureStore(FeatureStore):
             except Exception as e:  # KeyError, or broken array metadata
                 raise ChxError(f"feature store {self.path} is damaged: array {name!r} cannot be opened "
                                f"({type(e).__name__}: {e}); {HINT_RECREATE}") from None
-        self._direct_names = {n for n in names if n in MAP_ARRAYS and self._local is not None
-                              and self.is_sharded and not self._arrays[n].compressors}
+        plain = {n for n in names if n in MAP_ARRAYS and self.is_sharded and not self._arrays[n].compressors}
+        self._direct_names = plain if self._local is not None else set()
+        self._put_names = plain if self._local is None else set()   # object storage: a shard in one PUT
+
+    @property
+    def _get_names(self) -> set:
+        """Object storage: arrays whose rows are read in one ranged GET (no index read), where every
+        row has its bound checksum to check them by (integrity >= 1)."""
+        return self._put_names if self._integrity else set()
 
     def _array_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._arrays[name].shape)
@@ -235,14 +242,22 @@ class ZarrFeatureStore(FeatureStore):
         chunk = (int(row) // int(arr.metadata.chunk_grid.chunk_shape[0]),) + (0,) * (arr.ndim - 1)
         return f"{name}/{arr.metadata.encode_chunk_key(chunk)}"
 
+    def _object_path(self, key: str) -> str:
+        """The path of a key in the fsspec filesystem of a remote store."""
+        return f"{self._zstore.path.rstrip('/')}/{key}"
+
     def _read_raw(self, name: str, start: int, stop: int) -> np.ndarray:
-        if name not in self._direct_names:
+        if name not in self._direct_names and name not in self._get_names:
             return self._arrays[name][start:stop]
         arr, s_img = self._arrays[name], self.shard_images
         parts = []
         for s in range(start // s_img, (stop - 1) // s_img + 1):
             lo, hi = max(start, s * s_img) - s * s_img, min(stop, (s + 1) * s_img) - s * s_img
             try:
+                if name in self._get_names:
+                    parts.append(_sync(_shardfile.get_rows(self._zstore.fs, self._object_path(self._key(name, s * s_img)),
+                                                           lo, hi, tuple(arr.shape[1:]), arr.dtype)))
+                    continue
                 parts.append(_shardfile.read_rows(self._local / self._key(name, s * s_img), lo, hi, s_img,
                                                   tuple(arr.shape[1:]), arr.dtype))
             except _shardfile.ShardFileError as e:
@@ -251,7 +266,7 @@ class ZarrFeatureStore(FeatureStore):
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _fill_if_missing(self, name: str) -> bool:
-        return name not in self._direct_names
+        return name not in self._direct_names and name not in self._get_names
 
     def _object_missing(self, name: str, row: int) -> bool:
         return not _sync(self._zstore.exists(self._key(name, row)))
@@ -309,6 +324,10 @@ class ZarrFeatureStore(FeatureStore):
         if name in self._direct_names:
             _shardfile.write_shard(self._local / self._key(name, a), values, self.shard_images)
             return
+        if name in self._put_names:     # one PUT replaces the object whole
+            _sync(_shardfile.put_shard(self._zstore.fs, self._object_path(self._key(name, a)), values,
+                                       self.shard_images))
+            return
         # Through zarr: delete the old object first, so zarr has nothing to read back and merge.
         _sync(self._zstore.delete(self._key(name, a)))
         self._arrays[name][a:b] = values
@@ -339,11 +358,20 @@ class ZarrFeatureStore(FeatureStore):
     def _clear_done(self, units: np.ndarray) -> None:
         name = self._done_array
         for u in units:
+            if self._local is None:     # one DELETE (zarr's delete lists the key first); absent: nothing to do
+                try:
+                    _sync(self._zstore.fs._rm_file(self._object_path(self._key(name, int(u)))))
+                except FileNotFoundError:
+                    pass
+                continue
             _sync(self._zstore.delete(self._key(name, int(u))))
 
     def _shard_records(self, start: int, stop: int) -> np.ndarray:
         arr = self._arrays["shard_done"]
-        return np.asarray(arr[start:stop], dtype=np.uint32).reshape(-1, arr.shape[1])
+        if self._local is not None or [type(c).__name__ for c in arr.metadata.codecs] != ["BytesCodec"]:
+            return np.asarray(arr[start:stop], dtype=np.uint32).reshape(-1, arr.shape[1])
+        paths = [self._object_path(self._key("shard_done", s)) for s in range(start, stop)]
+        return _sync(_shardfile.get_records(self._zstore.fs, paths, int(arr.shape[1])))   # a GET each, no HEAD
 
     def _disk_usage(self):
         if self._local is None:
