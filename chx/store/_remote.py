@@ -12,6 +12,7 @@ not exist, refused credentials and an unreachable endpoint are each one ChxError
 
 from __future__ import annotations
 
+import logging
 import os
 
 from chx.errors import ChxError
@@ -57,6 +58,15 @@ def bound(fs) -> None:
     """s3fs retries each call itself too (5 times by default): bound that as well."""
     if type(fs).__module__.startswith("s3fs"):
         fs.retries = retries()
+        logging.getLogger("asyncio").addFilter(_quiet_lost_requests)
+
+
+def _quiet_lost_requests(record: logging.LogRecord) -> bool:
+    """When the endpoint stops answering, aiohttp's task sending a request body fails too and asyncio
+    logs its traceback when the task is collected ("Task exception was never retrieved"): dropped,
+    since the request's own error is retried, then reported in one line (:func:`stopped_answering`)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or not {c.__name__ for c in type(exc).__mro__} & NO_ANSWER
 
 
 def missing_package(path, e: ImportError) -> ChxError:
@@ -95,11 +105,6 @@ def stopped_answering(path, e: BaseException) -> ChxError | None:
     and for local paths (their OSErrors are the caller's)."""
     if not protocol(path) or not {c.__name__ for c in type(e).__mro__} & NO_ANSWER:
         return None
-    import logging
-
-    # Requests still in flight fail the same way, and aiohttp's tasks of them would each log a traceback
-    # ("Task exception was never retrieved") when collected: the one line below says it all.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     text = " ".join(str(e).split())[:160]
     bound_by = (f"each request bounded by CHX_S3_CONNECT_TIMEOUT/CHX_S3_READ_TIMEOUT, {retries()} tries"
                 if protocol(path) in S3_PROTOCOLS else "")
