@@ -1,19 +1,36 @@
-"""GPU benchmark at the paper's configuration: stage-1 training images/s, extraction images/s
-(bare forward and the real pipeline with decoding and store writes), fusion training studies/s,
-each against the GPU's bf16 peak, and the fusion store-vs-recompute ratio at this scale.
+"""GPU figures at the paper's configuration (convnext_small, 1,024 px, bf16, channels_last): what each
+stage runs at on one GPU, from the bare model up to chx's own pipeline, and which resource binds it.
 
-Run through benchmarks/gpu.sh on a GPU machine (no network needed: random weights). `--smoke` runs
-the same code on the CPU with a tiny model, to check the script itself.
+Phases (each one's figures are saved as soon as it ends; a failed phase is recorded and the next runs):
+  peak      bf16 matrix product 8192^3: the measured ceiling beside the datasheet's
+  stage1    one training step on tensors already on the GPU (batch 8, the paper's, and 32), images/s,
+            TFLOP/s, fraction of peak, peak memory, the largest batch that fits; cudnn.benchmark on/off
+  extract   the bare forward_features, images/s against peak
+  data      MIMIC-size JPEGs made from a real X-ray; the image cache built; what a DataLoader with
+            one worker per core delivers (JPEG, cache, cache with device augmentation) at 512 and 1,024
+  augment   BatchAugment (--augment-on device) on the GPU, images/s
+  train     chx's train_backbone end to end from the JPEGs, from the cache, from the cache with device
+            augmentation (steady-state images/s from metrics.jsonl), peak memory
+  pipeline  chx's extract_features end to end from the JPEGs and from the cache (float16, float8),
+            against the bare forward
+  fusion    chx's train_fusion from those stores (float16, float8; streamed and GPU-preloaded),
+            studies/s, against recomputing the features
+  disk      the store's write ceiling and cold read GiB/s on this machine's disk (bench_store_scale)
+
+Random weights (speed does not depend on them); no network. `--smoke` runs every phase on the CPU with
+a tiny model, to check the script. Run through benchmarks/gpu.sh.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -21,8 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by device name; --peak-tflops overrides.
+# Dense bf16 tensor-core peaks (TFLOP/s, datasheet) by device name; --peak-tflops overrides.
 PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+PHASES = ("peak", "stage1", "extract", "data", "augment", "train", "pipeline", "fusion", "disk")
 
 
 def flops_per_call(fn) -> float:
@@ -33,129 +51,327 @@ def flops_per_call(fn) -> float:
     return float(counter.get_total_flops())
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, warmup: int, iters: int, device) -> float:
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - t0) / iters
+
+
+def reset_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def steady_rate(run_dir: Path, items_per_step: int, skip: int) -> dict:
+    """Items/s between the train records of metrics.jsonl after the first ``skip`` steps."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if r.get("kind") == "train" and r.get("elapsed_s") is not None]
+    a = next(r for r in recs if r["step"] >= skip)
+    b = recs[-1]
+    return {"items_per_s": (b["step"] - a["step"]) * items_per_step / (b["elapsed_s"] - a["elapsed_s"]),
+            "steps_timed": b["step"] - a["step"]}
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+        self.amp = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        self.name = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
+        self.peak = a.peak_tflops or next((v for k, v in PEAKS.items() if k in self.name), None)
+        self.work = Path(a.work or tempfile.mkdtemp(prefix="chx-gpu-"))
+        self.r = {"device": self.name, "model": a.model, "size": a.size, "datasheet_peak_tflops": self.peak,
+                  "torch": torch.__version__, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                             time.gmtime()),
+                  "phases": {}, "errors": {}}
+        import timm
+        self.r["timm"] = timm.__version__
+        if self.device.type == "cuda":
+            self.r["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    def save(self):
+        self.a.out.write_text(json.dumps(self.r, indent=2))
+
+    def phase(self, name, fn):
+        t0 = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            res = fn()
+            res["phase_wall_s"] = time.perf_counter() - t0
+            self.r["phases"][name] = res
+            for k, v in res.items():
+                print(f"   {k:<44} {v:,.3f}" if isinstance(v, float) else f"   {k:<44} {v}", flush=True)
+        except Exception as e:       # record it, go on to the next phase
+            self.r["errors"][name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        finally:
+            reset_memory(self.device)
+            self.save()
+
+    # ---- phases ---------------------------------------------------------------------------------
+    def peak_matmul(self):
+        n = 8192 if self.device.type == "cuda" else 256
+        x = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
+        s = timed(lambda: x @ x, 3, 10, self.device)
+        return {"matmul_bf16_tflops": 2 * n ** 3 / s / 1e12}
+
+    def stage1(self):
+        from chx.losses import weighted_asl
+        from chx.models.backbone import ImageClassifier
+        from chx.engine.inference import images_to, model_to
+
+        a, dev = self.a, self.device
+        out = {}
+        model = model_to(ImageClassifier(a.model, a.classes), dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-5)
+        prior = torch.full((a.classes,), 0.1, device=dev)
+
+        def step_fn(b):
+            x = images_to(torch.randn(b, 1, a.size, a.size, device=dev), dev)
+            y = (torch.rand(b, a.classes, device=dev) < 0.1).float()
+
+            def step():
+                with torch.autocast(**self.amp):
+                    loss = weighted_asl(model(x), y, prior)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return step
+
+        one = images_to(torch.randn(1, 1, a.size, a.size, device=dev), dev)
+        fwd = flops_per_call(lambda: model(one))
+        out["forward_gflop_per_image"] = fwd / 1e9
+        mems = {}
+        for bench in (False, True):
+            torch.backends.cudnn.benchmark = bench
+            for b in a.batches:
+                reset_memory(dev)
+                s = timed(step_fn(b), 3, a.iters, dev)
+                tag = f"b{b}{'_cudnn_benchmark' if bench else ''}"
+                out[f"train_{tag}_images_per_s"] = b / s
+                out[f"train_{tag}_tflops"] = 3 * fwd * b / s / 1e12
+                if self.peak:
+                    out[f"train_{tag}_mfu"] = out[f"train_{tag}_tflops"] / self.peak
+                if dev.type == "cuda" and not bench:
+                    mems[b] = torch.cuda.max_memory_allocated() / 2**30
+                    out[f"train_b{b}_peak_gib"] = mems[b]
+        torch.backends.cudnn.benchmark = False
+        if len(mems) >= 2:          # peak = fixed + per-image * b: the largest batch that fits, then tried
+            (b1, m1), (b2, m2) = sorted(mems.items())[:2]
+            per = (m2 - m1) / (b2 - b1)
+            total = self.r["gpu_memory_gib"]
+            est = int((0.95 * total - (m1 - per * b1)) / per)
+            out["train_gib_per_image"] = per
+            out["train_largest_batch_estimate"] = est
+            try:
+                reset_memory(dev)
+                timed(step_fn(est), 0, 1, dev)
+                out["train_largest_batch_tried_ok"] = est
+                out["train_largest_batch_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            except torch.OutOfMemoryError:
+                out["train_largest_batch_tried_ok"] = 0
+        model.set_grad_checkpointing(True)        # --grad-checkpointing: memory per image
+        reset_memory(dev)
+        s = timed(step_fn(a.batches[-1]), 2, a.iters, dev)
+        out[f"train_b{a.batches[-1]}_gradckpt_images_per_s"] = a.batches[-1] / s
+        if dev.type == "cuda":
+            out[f"train_b{a.batches[-1]}_gradckpt_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
+
+    def extract_bare(self):
+        from chx.models.backbone import ImageClassifier
+        from chx.engine.inference import images_to, model_to
+
+        a, dev = self.a, self.device
+        model = model_to(ImageClassifier(a.model, a.classes), dev).eval()
+        x = images_to(torch.randn(a.batches[-1], 1, a.size, a.size, device=dev), dev)
+        out = {}
+        with torch.no_grad():
+            flops = flops_per_call(lambda: model.forward_features(x[:1]))
+
+            def step():
+                with torch.autocast(**self.amp):
+                    model.forward_features(x).to(torch.float16)
+            s = timed(step, 2, a.iters, dev)
+        out["extract_bare_images_per_s"] = x.shape[0] / s
+        out["extract_bare_tflops"] = flops * x.shape[0] / s / 1e12
+        if self.peak:
+            out["extract_bare_mfu"] = out["extract_bare_tflops"] / self.peak
+        out["extract_bare_peak_gib"] = peak_gib(dev)
+        self.bare_extract = out["extract_bare_images_per_s"]
+        return out
+
+    def data(self):
+        import bench_image_path as bip
+
+        a = self.a
+        procs = os.cpu_count() or 1
+        t0 = time.perf_counter()
+        files = bip.mimic_jpegs(a.source, self.work / "images", a.files, procs=procs,
+                                height=a.jpeg_height, width=a.jpeg_width)
+        out = {"jpegs_made": len(files), "jpegs_wall_s": time.perf_counter() - t0,
+               "jpeg_mib_mean": sum(f.stat().st_size for f in files) / len(files) / 2**20}
+        self.manifest = bip.write_manifest(self.work, files, a.rows)
+        self.images = self.work / "images"
+        self.caches = {}
+        workers = max(1, procs)
+        for size in a.data_sizes:
+            cache = self.work / f"cache-{size}"
+            out[f"cache_build_{size}_images_per_s_{workers}w"] = bip.build_cache(self.manifest, self.images, cache,
+                                                                                 size, workers)
+            self.caches[size] = cache
+            for mode in bip.MODES:
+                ds = bip.dataset(mode, self.manifest, self.images, cache, size)
+                out[f"loader_{size}_{mode}_images_per_s_{workers}w"] = bip.loader_rate(ds, workers, 32, a.loader_batches)
+        out["workers"] = workers
+        return out
+
+    def augment(self):
+        import bench_image_path as bip
+
+        dev = self.device.type
+        return {f"batch_augment_{s}_{dev}_images_per_s": bip.device_augment_rate(s, 32, dev) for s in self.a.data_sizes}
+
+    def train(self):
+        from chx.options import BackboneOptions, TrainConfig
+        from chx.pipeline.train_backbone import train_backbone
+
+        a = self.a
+        out = {}
+        b = a.batches[-1]
+        for name, cache, on in (("jpeg", None, "workers"), ("cache", self.caches[a.size], "workers"),
+                                ("cache_device_aug", self.caches[a.size], "device")):
+            reset_memory(self.device)
+            run = self.work / f"train-{name}"
+            cfg = TrainConfig(epochs=100, batch_size=b, workers=os.cpu_count() or 1, max_steps=a.train_steps,
+                              log_every=a.log_every, device=self.device.type, val_every=1000, progress_every=1e9)
+            opts = BackboneOptions(model=a.model, size=a.size, pretrained=False, tta=False, augment_on=on)
+            t0 = time.perf_counter()
+            train_backbone([self.manifest], [self.images], run, opts, cfg, overwrite=True,
+                           images_cache=str(cache) if cache else None)
+            r = steady_rate(run, b, a.log_every)
+            out[f"train_{name}_images_per_s"] = r["items_per_s"]
+            out[f"train_{name}_steps_timed"] = r["steps_timed"]
+            out[f"train_{name}_wall_s"] = time.perf_counter() - t0
+            out[f"train_{name}_peak_gib"] = peak_gib(self.device)
+        self.checkpoint = self.work / "train-cache" / "last.pt"
+        return out
+
+    def pipeline(self):
+        from chx.pipeline.extract import extract_features
+
+        a = self.a
+        out = {}
+        self.stores = {}
+        for name, cache, dtype in (("jpeg_float16", None, "float16"), ("cache_float16", self.caches[a.size], "float16"),
+                                   ("cache_float8", self.caches[a.size], "float8")):
+            reset_memory(self.device)
+            store = self.work / f"{name}.zarr"
+            r = extract_features(self.checkpoint, self.manifest, self.images, str(store), echo=lambda *_: None,
+                                 images_cache=str(cache) if cache else None, batch_size=a.batches[-1],
+                                 workers=os.cpu_count() or 1, device=self.device.type, dtype=dtype, overwrite=True)
+            out[f"extract_{name}_images_per_s"] = r.images_per_s
+            if getattr(self, "bare_extract", None):
+                out[f"extract_{name}_vs_bare"] = r.images_per_s / self.bare_extract
+            out[f"extract_{name}_peak_gib"] = peak_gib(self.device)
+            out[f"store_{name}_mib"] = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2**20
+            self.stores[dtype] = store
+        return out
+
+    def fusion(self):
+        from chx.options import FusionOptions, TrainConfig
+        from chx.pipeline.train_fusion import train_fusion
+
+        a = self.a
+        out = {}
+        for dtype in ("float16", "float8"):
+            for preload in ("off", "gpu") if self.device.type == "cuda" else ("off", "ram"):
+                reset_memory(self.device)
+                run = self.work / f"fusion-{dtype}-{preload}"
+                cfg = TrainConfig(epochs=1000, batch_size=8, workers=2, max_steps=a.fusion_steps, log_every=a.log_every,
+                                  device=self.device.type, val_every=1000, progress_every=1e9)
+                t0 = time.perf_counter()
+                train_fusion(str(self.stores[dtype]), run, FusionOptions(preload=preload), cfg, overwrite=True)
+                r = steady_rate(run, 8, 2 * a.log_every)
+                tag = f"fusion_{dtype}_{preload}"
+                out[f"{tag}_studies_per_s"] = r["items_per_s"]
+                out[f"{tag}_wall_s"] = time.perf_counter() - t0
+                out[f"{tag}_peak_gib"] = peak_gib(self.device)
+        # Recomputing the maps instead: 2 backbone forwards per study (this manifest's 2 views) on top
+        bare = getattr(self, "bare_extract", None)
+        if bare:
+            per_study = 1 / out["fusion_float16_off_studies_per_s"]
+            out["fusion_recompute_studies_per_s"] = 1 / (per_study + 2 / bare)
+            out["fusion_store_vs_recompute"] = out["fusion_float16_off_studies_per_s"] / out["fusion_recompute_studies_per_s"]
+        return out
+
+    def disk(self):
+        import bench_store_scale
+
+        (self.work / "disk").mkdir(exist_ok=True)
+        r = bench_store_scale.main(["--gib", str(self.a.disk_gib), "--work", str(self.work / "disk")])
+        return {f"{part}_{k}": v for part in ("write", "read_cold", "verify_cold", "checksum")
+                for k, v in r[part].items() if isinstance(v, (int, float))}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="convnext_small.fb_in22k_ft_in1k")
     ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--fusion-batch", type=int, default=8)
-    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--batches", default="8,32", help="stage-1 batch sizes timed (the paper's 8, and 32)")
     ap.add_argument("--classes", type=int, default=26)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--pipeline-images", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--files", type=int, default=128, help="distinct MIMIC-size JPEGs made")
+    ap.add_argument("--rows", type=int, default=1024, help="manifest rows (the JPEGs repeated), 2 views per study")
+    ap.add_argument("--jpeg-height", type=int, default=3056)
+    ap.add_argument("--jpeg-width", type=int, default=2544)
+    ap.add_argument("--data-sizes", default="512,1024")
+    ap.add_argument("--loader-batches", type=int, default=12)
+    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--fusion-steps", type=int, default=80)
+    ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--disk-gib", type=float, default=2.0)
+    ap.add_argument("--source", type=Path, default=None, help="the real X-ray the JPEGs are made from")
+    ap.add_argument("--phases", default=",".join(PHASES))
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("gpu-bench.json"))
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU run to check the script")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run of every phase, to check the script")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.model, a.size, a.batch, a.fusion_batch, a.iters, a.pipeline_images = "test_convnext", 64, 4, 2, 2, 16
-
-    from chx.losses import weighted_asl
-    from chx.models.backbone import ImageClassifier
-    from chx.models.fusion import FusionModel
-
-    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = a.peak_tflops or next((v for k, v in PEAKS.items() if k in name), None)
-    results = {"device": name, "model": a.model, "size": a.size, "batch": a.batch, "peak_tflops": peak,
-               "torch": torch.__version__}
-    torch.backends.cudnn.benchmark = True
-
-    # ---- stage 1 training (bf16 autocast, channels_last, grad checkpointing)
-    model = ImageClassifier(a.model, a.classes).to(device).to(memory_format=torch.channels_last)
-    model.set_grad_checkpointing(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-5)
-    x = torch.randn(a.batch, 1, a.size, a.size, device=device).contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(a.batch, a.classes, device=device) < 0.1).float()
-    prior = torch.full((a.classes,), 0.1, device=device)
-
-    def train_step():
-        with torch.autocast(**amp):
-            loss = weighted_asl(model(x), y, prior)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step_s = timed(train_step, 3, a.iters, device)
-    fwd_flops = flops_per_call(lambda: model(x[:1]))          # one image, forward
-    results["stage1_train_images_per_s"] = a.batch / step_s
-    results["stage1_train_tflops"] = 3 * fwd_flops * a.batch / step_s / 1e12   # fwd + 2x bwd
-    if device.type == "cuda":
-        results["stage1_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-
-    # ---- extraction: bare forward_features
-    model.eval()
-    with torch.no_grad():
-        feat_flops = flops_per_call(lambda: model.forward_features(x[:1]))
-
-        def extract_step():
-            with torch.autocast(**amp):
-                model.forward_features(x).to(torch.float16)
-        ext_s = timed(extract_step, 2, a.iters, device)
-    results["extract_bare_images_per_s"] = a.batch / ext_s
-    results["extract_tflops"] = feat_flops * a.batch / ext_s / 1e12
-    c = model.feature_dim
-    h = a.size // model.feature_stride
-
-    # ---- extraction: the real pipeline (decode in workers, write a Zarr store) on demo images
-    from common import backbone_checkpoint, demo_data
-
-    from chx.pipeline.extract import extract_features
-
-    work = Path(tempfile.mkdtemp(prefix="chx-gpu-"))
-    manifest = demo_data(work, a.pipeline_images // 2, a.size)
-    ckpt = backbone_checkpoint(work, a.model, a.size)
-    t0 = time.perf_counter()
-    r = extract_features(ckpt, manifest, manifest.parent / "images", str(work / "f.zarr"), batch_size=a.batch,
-                         workers=min(8, os.cpu_count() or 1), echo=lambda *_: None)
-    results["extract_pipeline_images_per_s"] = r.images_per_s
-    results["extract_pipeline_wall_s"] = time.perf_counter() - t0
-    results["extract_pipeline_ratio"] = r.images_per_s / results["extract_bare_images_per_s"]
-
-    # ---- fusion training from cached maps (C x h x w per view, 4 views)
-    model = opt = None  # free the stage-1 memory before the fusion benchmark
-    fusion = FusionModel(c, a.classes, max_views=a.views).to(device)
-    fopt = torch.optim.AdamW(fusion.parameters(), lr=3e-5)
-    f = torch.randn(a.fusion_batch, a.views, c, h, h, device=device)
-    mask = torch.ones(a.fusion_batch, a.views, dtype=torch.bool, device=device)
-    fy = (torch.rand(a.fusion_batch, a.classes, device=device) < 0.1).float()
-
-    def fusion_step():
-        with torch.autocast(**amp):
-            loss = weighted_asl(fusion(f, mask), fy, prior)
-        fopt.zero_grad(set_to_none=True)
-        loss.backward()
-        fopt.step()
-
-    fstep = timed(fusion_step, 3, a.iters, device)
-    fflops = flops_per_call(lambda: fusion(f[:1], mask[:1]))
-    results["fusion_train_studies_per_s"] = a.fusion_batch / fstep
-    results["fusion_train_tflops"] = 3 * fflops * a.fusion_batch / fstep / 1e12
-    # Recomputing features each epoch costs `views` backbone forwards per study on top of the step.
-    per_study_store = fstep / a.fusion_batch
-    per_study_recompute = per_study_store + a.views / results["extract_bare_images_per_s"]
-    results["fusion_store_vs_recompute"] = per_study_recompute / per_study_store
-    if peak:
-        for k in ("stage1_train", "extract", "fusion_train"):
-            results[f"{k}_mfu"] = results[f"{k}_tflops"] / peak
-
-    a.out.write_text(json.dumps(results, indent=2))
-    for k, v in results.items():
-        print(f"{k:<34} {v:.3f}" if isinstance(v, float) else f"{k:<34} {v}")
+        a.model, a.size, a.batches, a.iters, a.files, a.rows = "test_convnext", 64, "2,4", 1, 4, 16
+        a.jpeg_height, a.jpeg_width, a.data_sizes, a.loader_batches = 306, 254, "32,64", 2
+        a.train_steps, a.fusion_steps, a.log_every, a.disk_gib = 6, 8, 2, 0.02
+    a.batches = [int(b) for b in a.batches.split(",")]
+    a.data_sizes = [int(s) for s in a.data_sizes.split(",")]
+    if a.source is None:
+        import bench_image_path
+        a.source = next((p for p in (Path(".gpu/xray.dcm"), bench_image_path.SOURCE) if p.is_file()),
+                        bench_image_path.SOURCE)
+    bench = Bench(a)
+    print(json.dumps({k: v for k, v in bench.r.items() if k not in ("phases", "errors")}), flush=True)
+    steps = {"peak": bench.peak_matmul, "stage1": bench.stage1, "extract": bench.extract_bare, "data": bench.data,
+             "augment": bench.augment, "train": bench.train, "pipeline": bench.pipeline, "fusion": bench.fusion,
+             "disk": bench.disk}
+    for name in a.phases.split(","):
+        bench.phase(name, steps[name])
+    print(f"errors: {bench.r['errors'] or 'none'}", flush=True)
 
 
 if __name__ == "__main__":
