@@ -273,25 +273,49 @@ class Bench:
         self.checkpoint = self.work / "train-cache" / "last.pt"
         return out
 
+    def random_checkpoint(self) -> Path:
+        """A stage-1 checkpoint with random weights for the manifest's classes (bench_image_path's)."""
+        import polars as pl
+
+        from chx.data.manifest import class_columns
+        from chx.data.transforms import Preprocess
+        from chx.models import save_checkpoint
+        from chx.models.backbone import ImageClassifier
+
+        classes = class_columns(pl.read_parquet(self.manifest))
+        net = ImageClassifier(self.a.model, num_classes=len(classes))
+        path = self.work / "random-backbone.pt"
+        save_checkpoint({"kind": "backbone", "model_config": net.config, "state_dict": net.state_dict(),
+                         "class_names": classes, "preprocess": Preprocess(self.a.size).to_dict(),
+                         "train_counts": [1] * len(classes), "tta": False}, path)
+        return path
+
     def pipeline(self):
         from chx.pipeline.extract import extract_features
 
         a = self.a
         out = {}
         self.stores = {}
-        for name, cache, dtype in (("jpeg_float16", None, "float16"), ("cache_float16", self.caches[a.size], "float16"),
-                                   ("cache_float8", self.caches[a.size], "float8")):
+        if getattr(self, "checkpoint", None) is None:      # the train phase was not run: random weights
+            self.checkpoint = self.random_checkpoint()
+        cached = self.caches[a.size]
+        for name, cache, dtype, precision in (("jpeg_float16", None, "float16", "auto"),
+                                              ("cache_float16", cached, "float16", "auto"),
+                                              ("cache_float8", cached, "float8", "auto"),
+                                              ("cache_float16_fp32", cached, "float16", "fp32")):
             reset_memory(self.device)
             store = self.work / f"{name}.zarr"
             r = extract_features(self.checkpoint, self.manifest, self.images, str(store), echo=lambda *_: None,
                                  images_cache=str(cache) if cache else None, batch_size=a.batches[-1],
-                                 workers=os.cpu_count() or 1, device=self.device.type, dtype=dtype, overwrite=True)
+                                 workers=os.cpu_count() or 1, device=self.device.type, dtype=dtype,
+                                 precision=precision, overwrite=True)
             out[f"extract_{name}_images_per_s"] = r.images_per_s
             if getattr(self, "bare_extract", None):
                 out[f"extract_{name}_vs_bare"] = r.images_per_s / self.bare_extract
             out[f"extract_{name}_peak_gib"] = peak_gib(self.device)
             out[f"store_{name}_mib"] = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2**20
-            self.stores[dtype] = store
+            if precision == "auto":
+                self.stores[dtype] = store
         return out
 
     def fusion(self):
@@ -300,25 +324,30 @@ class Bench:
 
         a = self.a
         out = {}
-        for dtype in ("float16", "float8"):
-            for preload in ("off", "gpu") if self.device.type == "cuda" else ("off", "ram"):
-                reset_memory(self.device)
-                run = self.work / f"fusion-{dtype}-{preload}"
-                cfg = TrainConfig(epochs=1000, batch_size=8, workers=2, max_steps=a.fusion_steps, log_every=a.log_every,
-                                  device=self.device.type, val_every=1000, progress_every=1e9)
-                t0 = time.perf_counter()
-                train_fusion(str(self.stores[dtype]), run, FusionOptions(preload=preload), cfg, overwrite=True)
-                r = steady_rate(run, 8, 2 * a.log_every)
-                tag = f"fusion_{dtype}_{preload}"
-                out[f"{tag}_studies_per_s"] = r["items_per_s"]
-                out[f"{tag}_wall_s"] = time.perf_counter() - t0
-                out[f"{tag}_peak_gib"] = peak_gib(self.device)
-        # Recomputing the maps instead: 2 backbone forwards per study (this manifest's 2 views) on top
+        runs = [(dtype, preload, 2) for dtype in ("float16", "float8")
+                for preload in (("off", "gpu") if self.device.type == "cuda" else ("off", "ram"))]
+        runs += [(dtype, "off", w) for w in a.fusion_workers if w != 2 for dtype in ("float16", "float8")]
+        for dtype, preload, workers in runs:
+            reset_memory(self.device)
+            run = self.work / f"fusion-{dtype}-{preload}-{workers}"
+            cfg = TrainConfig(epochs=1000, batch_size=8, workers=workers, max_steps=a.fusion_steps,
+                              log_every=a.log_every, device=self.device.type, val_every=1000, progress_every=1e9)
+            t0 = time.perf_counter()
+            train_fusion(str(self.stores[dtype]), run, FusionOptions(preload=preload), cfg, overwrite=True)
+            r = steady_rate(run, 8, 2 * a.log_every)
+            tag = f"fusion_{dtype}_{preload}" + (f"_{workers}w" if workers != 2 else "")
+            out[f"{tag}_studies_per_s"] = r["items_per_s"]
+            out[f"{tag}_wall_s"] = time.perf_counter() - t0
+            out[f"{tag}_peak_gib"] = peak_gib(self.device)
+        # Recomputing the maps instead: the fusion step (its GPU-preloaded rate: no reading) plus 2 backbone
+        # forwards per study (this manifest's 2 views) at the bare bf16 rate
         bare = getattr(self, "bare_extract", None)
         if bare:
-            per_study = 1 / out["fusion_float16_off_studies_per_s"]
-            out["fusion_recompute_studies_per_s"] = 1 / (per_study + 2 / bare)
-            out["fusion_store_vs_recompute"] = out["fusion_float16_off_studies_per_s"] / out["fusion_recompute_studies_per_s"]
+            held = "gpu" if self.device.type == "cuda" else "ram"
+            recompute = 1 / (1 / out[f"fusion_float16_{held}_studies_per_s"] + 2 / bare)
+            out["fusion_recompute_studies_per_s"] = recompute
+            for k in [k for k in out if k.endswith("_studies_per_s") and "recompute" not in k]:
+                out[k.replace("_studies_per_s", "_vs_recompute")] = out[k] / recompute
         return out
 
     def disk(self):
@@ -345,6 +374,7 @@ def main(argv=None):
     ap.add_argument("--loader-batches", type=int, default=12)
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--fusion-steps", type=int, default=80)
+    ap.add_argument("--fusion-workers", default="2", help="DataLoader workers of the streamed fusion runs")
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--disk-gib", type=float, default=2.0)
     ap.add_argument("--source", type=Path, default=None, help="the real X-ray the JPEGs are made from")
@@ -360,6 +390,7 @@ def main(argv=None):
         a.train_steps, a.fusion_steps, a.log_every, a.disk_gib = 6, 8, 2, 0.02
     a.batches = [int(b) for b in a.batches.split(",")]
     a.data_sizes = [int(s) for s in a.data_sizes.split(",")]
+    a.fusion_workers = [int(w) for w in a.fusion_workers.split(",")]
     if a.source is None:
         import bench_image_path
         a.source = next((p for p in (Path(".gpu/xray.dcm"), bench_image_path.SOURCE) if p.is_file()),

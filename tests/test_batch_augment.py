@@ -181,10 +181,12 @@ def test_on_cuda_the_batch_matches_the_cpu_except_the_noise_field(images):
     assert float(diff.mean()) < 1e-4 and float(diff.max()) <= 1 / 255 + 1e-4
 
 
-def test_augment_on_resolves_auto_by_the_device():
+def test_augment_on_auto_is_the_workers_on_any_device():
+    """auto = workers, also on CUDA: measured on an H200 (16 cores), the batched augmentation on the GPU
+    ran in series with the step (97 -> 69 images/s), the workers' in parallel with it."""
     assert AUGMENT_ON == ("auto", "workers", "device")
     assert BackboneOptions().augment_on == "auto"
-    assert augment_on_device("auto", torch.device("cuda")) and not augment_on_device("auto", torch.device("cpu"))
+    assert not augment_on_device("auto", torch.device("cuda")) and not augment_on_device("auto", torch.device("cpu"))
     assert augment_on_device("device", torch.device("cpu")) and not augment_on_device("workers", "cuda")
     with pytest.raises(ValueError):
         augment_on_device("gpu", torch.device("cpu"))

@@ -55,6 +55,44 @@ def test_extracted_maps_equal_the_backbone_output(capsys, tmp_path, covid_backbo
                                        rtol=2e-3, atol=2e-3)
 
 
+def test_precision_is_recorded_in_the_store_and_repeated_by_predict(capsys, tmp_path, covid_backbone,
+                                                                    covid_manifest, covid_models, monkeypatch):
+    """--precision: on a GPU the backbone's forward runs under bf16 autocast (fp32 extraction ran at 0.26x
+    of the bare bf16 forward on an H200: benchmarks/results/gpu-bench-2026-12-04.json). The store records
+    it, a bundle of a fusion model trained on that store carries it, and predict repeats it on a GPU. On
+    the CPU (auto) nothing changes: float32, no key, as in stores made before the option existed."""
+    import chx.pipeline.extract as ex
+    from chx.engine.inference import amp_of
+    from chx.engine.predictor import Predictor, make_bundle
+    from chx.models import load_checkpoint, save_checkpoint
+
+    plain, mixed = tmp_path / "plain.zarr", tmp_path / "mixed.zarr"
+    assert extract(capsys, covid_backbone, covid_manifest, plain)[0] == 0
+    monkeypatch.setattr(ex, "autocast_dtype", lambda precision, device: torch.bfloat16)   # a GPU's choice
+    assert extract(capsys, covid_backbone, covid_manifest, mixed)[0] == 0
+    with open_store(plain) as a, open_store(mixed) as b:
+        assert "precision" not in a.fingerprint and b.fingerprint["precision"] == "bfloat16"
+    a, b = features_of(plain), features_of(mixed)
+    diff = max(float(np.abs(a[k].astype(np.float32) - b[k].astype(np.float32)).max()) for k in a)
+    scale = max(float(np.abs(a[k].astype(np.float32)).max()) for k in a)
+    assert 0 < diff < 0.1 * scale      # bf16 arithmetic: other maps, close ones
+    monkeypatch.undo()
+    # a refill of the float32 store under bf16 is refused by its fingerprint (no mixed stores)
+    monkeypatch.setattr(ex, "autocast_dtype", lambda precision, device: torch.bfloat16)
+    code, _, err = extract(capsys, covid_backbone, covid_manifest, plain)
+    assert code != 0 and "precision" in err, err
+    monkeypatch.undo()
+
+    ckpt = load_checkpoint(covid_models["fusion"])
+    ckpt["store_fingerprint"] = {**ckpt["store_fingerprint"], "precision": "bfloat16"}
+    save_checkpoint(ckpt, tmp_path / "fusion.pt")
+    bundle = make_bundle(covid_backbone, tmp_path / "fusion.pt")
+    assert bundle["features"]["precision"] == "bfloat16"
+    assert "precision" not in make_bundle(covid_backbone, covid_models["fusion"])["features"]
+    assert Predictor.load(backbone=covid_backbone, fusion=tmp_path / "fusion.pt", device="cpu").amp is None
+    assert amp_of("bfloat16", torch.device("cuda")) is torch.bfloat16 and amp_of(None, torch.device("cuda")) is None
+
+
 def test_kill_9_mid_extraction_then_rerun_equals_uninterrupted(capsys, tmp_path, covid_backbone, covid_manifest,
                                                               covid_reference_store):
     store = tmp_path / "killed.zarr"

@@ -194,11 +194,11 @@ class FusionExplainer:
         x = p.images([paths[i] for i in order])                                   # [V, 1, S, S]
         types = torch.tensor([types], device=p.device)
         mask = torch.ones(1, len(order), dtype=torch.bool, device=p.device)
-        maps = feature_maps(p.backbone, x, p.pool).float()[None]                  # [1, V, C, h, w]
+        maps = feature_maps(p.backbone, x, p.pool, amp=p.amp).float()[None]                  # [1, V, C, h, w]
         logits, attention = p.fusion(maps, mask, types, return_attention=True)   # [1, K], [1, K, V*h'*w']
         probs = torch.sigmoid(logits.float())
         if p.flip_tta:
-            flipped = feature_maps(p.backbone, x, p.pool, flip=True).float()[None]
+            flipped = feature_maps(p.backbone, x, p.pool, flip=True, amp=p.amp).float()[None]
             probs = 0.5 * (probs + torch.sigmoid(p.fusion(flipped, mask, types).float()))
         gh, gw = p.fusion.token_grid(*maps.shape[-2:])
         k = len(p.class_names)

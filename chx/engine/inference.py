@@ -45,13 +45,40 @@ def model_to(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 @torch.no_grad()
-def feature_maps(model: nn.Module, images: torch.Tensor, pool: int = 1, flip: bool = False) -> torch.Tensor:
+def feature_maps(model: nn.Module, images: torch.Tensor, pool: int = 1, flip: bool = False,
+                 amp: torch.dtype | None = None) -> torch.Tensor:
     """Backbone maps as the store holds them: [B, 1, H, W] -> [B, C, h/pool, w/pool] float16.
 
-    ``flip``: of the horizontally flipped images. ``pool`` > 1 average-pools K x K (in float32)."""
+    ``flip``: of the horizontally flipped images. ``pool`` > 1 average-pools K x K (in float32).
+    ``amp``: the forward under autocast to this dtype (extraction's ``--precision``; None: float32)."""
     x = images_to(torch.flip(images, dims=[-1]) if flip else images, images.device)
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        fmap = model.forward_features(x)
     # the one definition of pooling + float16 rounding, shared with joint training's forward
-    return stored_maps(model.forward_features(x), pool).to(FEATURE_DTYPE)
+    return stored_maps(fmap, pool).to(FEATURE_DTYPE)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``--precision`` (auto, bf16, fp16, fp32) as an autocast dtype: mixed precision on GPU only (bf16
+    autocast is ~10x slower on CPUs without native bf16); None: float32."""
+    if torch.device(device).type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def precision_name(amp: torch.dtype | None) -> str | None:
+    """How a store records its maps' arithmetic: "bfloat16"/"float16" under autocast, None for float32
+    (the key is then absent, as in stores made before it existed)."""
+    return None if amp is None else str(amp).removeprefix("torch.")
+
+
+def amp_of(name: str | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype that repeats a store's recorded precision on ``device`` (CUDA only)."""
+    if name is None or torch.device(device).type != "cuda":
+        return None
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def on_device(dataset: Dataset) -> bool:

@@ -29,7 +29,7 @@ from chx.data.transforms import Preprocess, eval_transform
 from chx.data.views import OTHER_TYPE, deterministic_view_order, view_types
 from chx.engine.compat import require_same_backbone, require_same_classes
 from chx.engine.distributed import resolve_device
-from chx.engine.inference import feature_maps, fusion_probs
+from chx.engine.inference import amp_of, feature_maps, fusion_probs
 from chx.errors import ChxError
 from chx.models import eval_weights, load_checkpoint, load_model, weights_hash
 from chx.models.joint import joint_parts
@@ -54,7 +54,9 @@ def make_bundle(backbone: Path, fusion: Path) -> dict:
         "backbone": {"model_config": b["model_config"], "state_dict": weights,
                      "preprocess": b["preprocess"]},
         "fusion": {"model_config": f["model_config"], "state_dict": eval_weights(f)},
-        "features": {"pool": int(fp.get("pool", 1)), "flip_tta": bool(fp.get("flip", False))},
+        # the store's --precision (absent: float32), repeated on a GPU by predict
+        "features": {"pool": int(fp.get("pool", 1)), "flip_tta": bool(fp.get("flip", False)),
+                     **({"precision": fp["precision"]} if fp.get("precision") else {})},
         "sources": {"backbone": str(backbone), "fusion": str(fusion)},
     }
 
@@ -153,9 +155,11 @@ def check_spec(spec: dict, source: str) -> None:
     features = spec.get("features")
     if (not isinstance(features, dict) or not isinstance(features.get("pool"), int)
             or isinstance(features.get("pool"), bool) or features["pool"] < 1
-            or not isinstance(features.get("flip_tta"), bool)):
-        raise ChxError(f"{source}: features must hold pool (a positive integer) and flip_tta (true or "
-                       f"false), got {features!r}; the export was edited or is damaged: export it again")
+            or not isinstance(features.get("flip_tta"), bool)
+            or features.get("precision", "bfloat16") not in ("bfloat16", "float16")):
+        raise ChxError(f"{source}: features must hold pool (a positive integer), flip_tta (true or "
+                       f"false) and may hold precision (bfloat16 or float16), got {features!r}; the export was "
+                       f"edited or is damaged: export it again")
     arch = spec.get("architecture")
     if not isinstance(arch, dict) or not all(isinstance(arch.get(p), dict) for p in PARTS):
         raise ChxError(f"{source}: architecture must hold the backbone's and the fusion model's "
@@ -321,6 +325,7 @@ class Predictor:
     flip_tta: bool
     class_names: list[str]
     device: torch.device
+    amp: torch.dtype | None = None     # the store's --precision, on a GPU (None: float32)
 
     @classmethod
     def load(cls, bundle: Path | None = None, backbone: Path | None = None, fusion: Path | None = None,
@@ -356,7 +361,8 @@ class Predictor:
             raise ChxError(f"{source}: its fusion model reads {fu.config['in_dim']}-channel features but its "
                            f"backbone gives {bb.feature_dim}; the bundle is damaged or was edited: export it again")
         return cls(bb.to(dev), fu.to(dev), Preprocess.from_dict(data["backbone"]["preprocess"]),
-                   data["features"]["pool"], data["features"]["flip_tta"], classes, dev)
+                   data["features"]["pool"], data["features"]["flip_tta"], classes, dev,
+                   amp_of(data["features"].get("precision"), dev))
 
     @torch.no_grad()
     def images(self, paths: list[Path]) -> torch.Tensor:
@@ -415,9 +421,9 @@ class Predictor:
             for x in tqdm(it, total=len(loader), desc="predict", unit="batch", leave=False,
                           disable=None if show_progress else True):
                 x = x.to(self.device, non_blocking=True)
-                pending["maps"].append(feature_maps(self.backbone, x, self.pool))
+                pending["maps"].append(feature_maps(self.backbone, x, self.pool, amp=self.amp))
                 if self.flip_tta:
-                    pending["flips"].append(feature_maps(self.backbone, x, self.pool, flip=True))
+                    pending["flips"].append(feature_maps(self.backbone, x, self.pool, flip=True, amp=self.amp))
                 seen += len(x)
                 complete = int(np.searchsorted(ends, seen, side="right"))    # studies whose images are all in
                 while complete - done >= batch_size:

@@ -31,21 +31,12 @@ from tqdm.auto import tqdm
 from chx.data.samplers import EpochSampler
 from chx.engine.compat import require_same_classes, require_same_inputs
 from chx.engine.distributed import Distributed, setup_distributed
-from chx.engine.inference import model_to, on_device
+from chx.engine.inference import autocast_dtype, model_to, on_device
 from chx.engine.run_folder import RunFolder
 from chx.errors import ChxError
 from chx.models import load_checkpoint, save_checkpoint
 from chx.options import TrainConfig, resume_rule
 from chx import workers
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision on GPU only (bf16 autocast is ~10x slower on CPUs without native bf16)."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:

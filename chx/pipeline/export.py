@@ -234,7 +234,9 @@ def _commands(runs, out: Path, specs: dict[str, list[OptionSpec]]) -> list[str]:
             lines.append(command_line("extract-features", {
                 "checkpoint": _shown(ckpts["backbone"][0], out, 2), "manifest": "MANIFEST", "images": "IMAGES",
                 "store": store and _shown(store, out), "pool": fp.get("pool"),
-                "flip": fp.get("flip"), "dtype": fp.get("dtype")}, specs["extract-features"]))
+                "flip": fp.get("flip"), "dtype": fp.get("dtype"),
+                "precision": {"bfloat16": "bf16", "float16": "fp16"}.get(fp.get("precision"), "fp32")},
+                specs["extract-features"]))
         if "train_config" not in ckpt:   # e.g. converted by `chx import-reference`: no chx run made it
             lines.append(f"# {_shown(path, out, 2)}: not trained by chx (no options recorded)")
             continue

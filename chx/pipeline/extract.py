@@ -25,7 +25,7 @@ from chx.data.manifest import class_columns, read_manifest
 from chx.data.transforms import Preprocess
 from chx.engine.compat import leakage_warning, require_same_classes
 from chx.engine.distributed import resolve_device
-from chx.engine.inference import feature_maps, load_backbone, model_to
+from chx.engine.inference import autocast_dtype, feature_maps, load_backbone, model_to, precision_name
 from chx.engine.store_writer import (check_writers, creation_lock, fill_shards, mark_if_complete,
                                      parse_shard, repair_shards, writer_todo)
 from chx.errors import ChxError
@@ -72,7 +72,8 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
     ImageDataset(df, images, pre, train=False, classes=classes, cache=cache).require_files()
     model_to(model, dev)
 
-    probe = feature_maps(model, torch.zeros(1, 1, pre.size, pre.size, device=dev), pool)
+    amp = autocast_dtype(opts.precision, dev)          # --precision (GPU only)
+    probe = feature_maps(model, torch.zeros(1, 1, pre.size, pre.size, device=dev), pool, amp=amp)
     feature_shape = tuple(int(s) for s in probe.shape[1:])
     fingerprint = {
         "checkpoint_sha256": weights_hash(eval_weights(ckpt)),
@@ -80,6 +81,8 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
         "input_size": pre.size, "resize": pre.mode, "layer": "last-stage",
         "pool": pool, "flip": flip, "dtype": opts.dtype,
     }
+    if amp is not None:      # absent for float32, as in stores made before --precision
+        fingerprint["precision"] = precision_name(amp)
     size = projected_size(df.height, feature_shape, flip, opts.dtype)
     echo(f"store {store_path}: {df.height:,} images x {feature_shape} {opts.dtype}"
          f"{' (+ flipped)' if flip else ''} = {size / 2**20:,.1f} MiB projected on disk before compression")
@@ -102,8 +105,8 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
 
     def maps_of(batch):
         x = batch["image"].to(dev, non_blocking=True)
-        feats = feature_maps(model, x, pool).cpu().numpy()
-        return feats, feature_maps(model, x, pool, flip=True).cpu().numpy() if flip else None
+        feats = feature_maps(model, x, pool, amp=amp).cpu().numpy()
+        return feats, feature_maps(model, x, pool, flip=True, amp=amp).cpu().numpy() if flip else None
 
     written, elapsed = 0, 0.0
     if len(todo_rows):
