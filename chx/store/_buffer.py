@@ -14,13 +14,17 @@ class ShardBuffer:
     (the process stops) is never written, so it stays missing and is redone by the next run.
     """
 
-    def __init__(self, store, shards):
+    def __init__(self, store, shards, write=None):
+        """``write(shard, maps, flips)``: how a complete shard is written (default ``store.write_shard``;
+        extraction queues it to a writer thread)."""
         self.store = store
+        self._write = write or store.write_shard
         self._owned = {int(s) for s in np.asarray(shards, dtype=np.int64).reshape(-1)}
         self._open: dict[int, tuple[np.ndarray, np.ndarray | None, np.ndarray]] = {}   # maps, flips, filled
 
     def add(self, rows, features, features_flip=None) -> list[int]:
-        """Buffer maps [len(rows), C, H, W] of store rows; returns the shards this call wrote."""
+        """Buffer maps [len(rows), C, H, W] of store rows; returns the shards this call wrote (handed
+        to ``write``)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         feats = np.asarray(features)
         flips = None if features_flip is None else np.asarray(features_flip)
@@ -41,7 +45,7 @@ class ShardBuffer:
                 buf_flips[local] = flips[sel]
             filled[local] = True
             if filled.all():
-                self.store.write_shard(int(s), buf_maps, buf_flips)
+                self._write(int(s), buf_maps, buf_flips)
                 del self._open[int(s)]
                 self._owned.discard(int(s))
                 written.append(int(s))
