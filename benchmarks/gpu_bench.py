@@ -371,7 +371,7 @@ def main(argv=None):
     ap.add_argument("--jpeg-height", type=int, default=3056)
     ap.add_argument("--jpeg-width", type=int, default=2544)
     ap.add_argument("--data-sizes", default="512,1024")
-    ap.add_argument("--loader-batches", type=int, default=12)
+    ap.add_argument("--loader-batches", type=int, default=48, help="batches timed per loader (>= 2 x workers)")
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--fusion-steps", type=int, default=80)
     ap.add_argument("--fusion-workers", default="2", help="DataLoader workers of the streamed fusion runs")

@@ -35,8 +35,9 @@ from chx.options import AUGMENT_ON
 def augment_on_device(choice: str, device: torch.device) -> bool:
     """``--augment-on``: whether the training batches are augmented on ``device``. auto: never (the
     workers): on an H200 with 16 cores the augmentation on the GPU ran in series with the training step
-    and cost 29 % of stage-1 images/s, while 16 workers augmented 2,300 images/s at 1,024 px, 23x what
-    the step takes (benchmarks/results/gpu-bench-2026-12-04.json)."""
+    and cost 29 % of stage-1 images/s (benchmarks/results/gpu-bench-2026-12-04.json), while one core
+    of a 2-core VM reads and augments 32 cached images/s at 1,024 px (benchmarks/bench_image_path.py),
+    so 16 cores supply ~5x the 103 images/s of the H200's step."""
     if choice not in AUGMENT_ON:
         raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {choice!r}")
     return choice == "device"
