@@ -20,13 +20,21 @@ def free_port() -> int:
 
 def test_torchrun_two_cpu_processes_train_and_resume_exactly(tmp_path, nih_manifest):
     """One torchrun test: 2 gloo processes train (metrics written once, by rank 0), and a run cut
-    at step 3 then resumed equals the uninterrupted 6 steps (each rank restored its own RNG)."""
-    images = shared_path("nih-64px", "images")
+    at step 3 then resumed equals the uninterrupted 6 steps (each rank restored its own RNG). The
+    cut run reads an image cache (`chx cache-images`) instead of the files: the same losses, so DDP
+    and exact resume behave alike with both inputs."""
+    from chx.options import CacheImagesOptions
+    from chx.pipeline.cache_images import cache_images
 
-    def torchrun(out, *extra):
+    images = shared_path("nih-64px", "images")
+    cache = tmp_path / "nih-64.zarr"
+    cache_images(CacheImagesOptions(manifest=nih_manifest, out=str(cache), size=64, workers=0), images,
+                 echo=lambda *a: None)
+
+    def torchrun(out, *extra, source=("--images", str(images))):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "chx", "train-backbone", "--manifest", str(nih_manifest), "--images", str(images),
+               "-m", "chx", "train-backbone", "--manifest", str(nih_manifest), *source,
                *TINY, "--batch-size", "4", "--log-every", "1", "--val-every", "1", "--device", "cpu",
                "-o", str(out), *extra]
         r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -43,6 +51,7 @@ def test_torchrun_two_cpu_processes_train_and_resume_exactly(tmp_path, nih_manif
     assert load_checkpoint(full / "last.pt")["step"] == 6
     assert not list(full.glob(".*.tmp"))
 
-    torchrun(tmp_path / "cut", "--max-steps", "3")
-    torchrun(tmp_path / "cut", "--max-steps", "6", "--resume")
+    from_cache = ("--images-cache", str(cache))
+    torchrun(tmp_path / "cut", "--max-steps", "3", source=from_cache)
+    torchrun(tmp_path / "cut", "--max-steps", "6", "--resume", source=from_cache)
     assert [r["loss"] for r in train_records(full)] == [r["loss"] for r in train_records(tmp_path / "cut")]

@@ -121,7 +121,8 @@ def test_two_node_agents_train_and_extract_like_one_node(tmp_path, nih_manifest,
     """`torchrun --nnodes 2 --node_rank 0|1 --nproc_per_node 1 --rdzv_backend c10d` on one machine: two
     node agents train stage 1 for a few steps with the same losses as one node with 2 processes (same
     world size 2, same global batch), then extract features into one store that equals the
-    single-process extraction byte for byte (RANK/WORLD_SIZE, not LOCAL_RANK, choose the shards)."""
+    single-process extraction byte for byte (RANK/WORLD_SIZE, not LOCAL_RANK, choose the shards), the
+    nodes reading an image cache and the single process the original files."""
     import json
     import re
 
@@ -141,9 +142,16 @@ def test_two_node_agents_train_and_extract_like_one_node(tmp_path, nih_manifest,
     assert len(two_nodes) == 3                                   # written once (by rank 0), not once per node
     assert two_nodes == train(tmp_path / "one-node", 1, 2)
 
+    # the two nodes read an image cache (`chx cache-images`), the reference the files: the same store
+    from chx.options import CacheImagesOptions
+    from chx.pipeline.cache_images import cache_images
+
+    cache = tmp_path / "covid-images.zarr"
+    cache_images(CacheImagesOptions(manifest=covid_manifest, out=str(cache), checkpoint=covid_backbone, workers=0),
+                 shared_path("covid-cxr", "images"), echo=lambda *a: None)
     store = tmp_path / "f.zarr"
     outputs = _torchrun_nodes(2, 1, "extract-features", "--checkpoint", covid_backbone, "--manifest", covid_manifest,
-                    "--images", shared_path("covid-cxr", "images"), "--store", store, "--workers", "0",
+                    "--images-cache", cache, "--store", store, "--workers", "0",
                     "--batch-size", "8", "--shard-images", "8", "--device", "cpu")
     wrote = [int(m) for out in outputs for m in re.findall(r"wrote ([\d,]+) images", out.replace(",", ""))]
     assert len(wrote) == 2 and all(0 < n < 391 for n in wrote) and sum(wrote) == 391, outputs  # both nodes wrote
