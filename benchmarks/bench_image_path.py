@@ -16,7 +16,6 @@ DataLoader with K workers (what a machine with K cores feeds the model).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT.parent / "shared" / "data" / "dicom" / "siim_pneumothorax_sample.dcm"
@@ -223,10 +224,7 @@ def main(argv=None) -> dict:
     r.update(date=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads(), cpu=os.cpu_count(),
              command="OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_image_path.py " + " ".join(argv or sys.argv[1:]))
     print(markdown(r))
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.with_suffix(".json").write_text(json.dumps(r, indent=2))
-        a.out.with_suffix(".md").write_text(markdown(r))
+    write_results(a.out, r, markdown(r))
     return r
 
 

@@ -30,7 +30,6 @@ Needs the s3 and dev extras (s3fs, moto[server]); nothing leaves the loopback ad
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import moto_s3  # noqa: E402
+from common import moto_s3, write_results  # noqa: E402
 
 BUCKET = "chx-bench"
 
@@ -254,10 +253,7 @@ def main(argv=None) -> dict:
                   f"read ratio {c['read_ratio']:.2f}, random ratio {c['random_ratio']:.2f}", flush=True)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["machine"]["loadavg_end"] = os.getloadavg()
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        a.out.with_suffix(".md").write_text(markdown(res))
+    write_results(a.out, res, markdown(res), indent=1)
     return res
 
 

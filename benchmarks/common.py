@@ -35,6 +35,14 @@ def backbone_checkpoint(work: Path, model: str, size: int) -> Path:
     return path
 
 
+def write_results(out: Path | None, record: dict, md: str, indent: int = 2) -> None:
+    """OUT.json (the record) and OUT.md (its table), when ``out`` is given."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(record, indent=indent))
+        out.with_suffix(".md").write_text(md)
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

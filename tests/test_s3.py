@@ -350,20 +350,25 @@ def test_two_shard_writers_then_info_verify_repair_train_evaluate(s3, capsys, tm
     assert (tmp_path / "eval" / "metrics.json").exists()
 
 
+def _wait_for_done_shards(s3, url: str, p, n: int = 2, timeout: float = 240) -> None:
+    """Until the writer ``p`` has marked ``n`` shards of ``url`` done (or ended, or time ran out)."""
+    prefix = url.removeprefix("s3://") + "/shard_done/"
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        try:
+            if len([k for k in s3.ls(prefix, refresh=True) if "/c." in k]) >= n:
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)     # a shard is written in 3 requests: poll often, or the writer finishes first
+
+
 def test_killed_writer_resumes(s3, capsys, small):
     """A writer SIGKILLed mid-extraction leaves done shards and maybe a shard in flight; rerunning the
     same command finishes the store, equal to an uninterrupted run."""
     url, covid_backbone, covid_manifest = _url("kill"), small["backbone"], small["manifest"]
     p = _chx(*_extract_args(covid_backbone, covid_manifest, url))
-    prefix = url.removeprefix("s3://") + "/shard_done/"
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None:
-        try:
-            if len([k for k in s3.ls(prefix, refresh=True) if "/c." in k]) >= 2:
-                break
-        except FileNotFoundError:
-            pass
-        time.sleep(0.01)     # a shard is written in 3 requests: poll often, or the writer finishes first
+    _wait_for_done_shards(s3, url, p)
     assert p.poll() is None, "the writer finished before it could be killed"
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=60)
@@ -393,15 +398,7 @@ def test_server_stopping_mid_extraction_is_one_line_then_a_rerun_resumes(s3, sma
            "CHX_S3_READ_TIMEOUT": "5"}
     try:
         p = _chx(*_extract_args(covid_backbone, covid_manifest, url), env=env)
-        prefix = url.removeprefix("s3://") + "/shard_done/"
-        deadline = time.time() + 240
-        while time.time() < deadline and p.poll() is None:
-            try:
-                if len([k for k in s3.ls(prefix, refresh=True) if "/c." in k]) >= 2:
-                    break
-            except FileNotFoundError:
-                pass
-            time.sleep(0.01)     # a shard is written in 3 requests: poll often, or the writer finishes first
+        _wait_for_done_shards(s3, url, p)
         assert p.poll() is None, "the writer finished before the server could be stopped"
     finally:
         server.stop()
