@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 COVID = ROOT.parent / "shared" / "data" / "covid-cxr"
 
@@ -247,6 +249,22 @@ def run_stage1(row: Row, data: Data, out: Path, scale: Scale, seed: int) -> floa
     classes = class_columns(df)
     ds = ImageDataset(df, data.images, Preprocess.from_dict(ckpt["preprocess"]), classes=classes)
     probs = predict_images(load_model(ckpt), ds, workers=1, tta=True, show_progress=False)
+    np.save(out / "test_probs.npy", probs)        # for the ensemble of the seeds (:func:`seed_ensemble`)
+    return summarize(probs, label_matrix(df, classes), classes)["mAP"]
+
+
+def seed_ensemble(data: Data, folders: list[Path]) -> float:
+    """Test mAP of the mean of the seeds' stage-1 probabilities (what `chx ensemble` of those runs
+    predicts: the mean of the members' probabilities)."""
+    import polars as pl
+
+    from chx.data.datasets import label_matrix
+    from chx.data.manifest import class_columns, read_manifest
+    from chx.metrics import summarize
+
+    df = read_manifest(data.manifest).filter(pl.col("split") == "test")
+    classes = class_columns(df)
+    probs = np.mean([np.load(f / "test_probs.npy") for f in folders], axis=0)
     return summarize(probs, label_matrix(df, classes), classes)["mAP"]
 
 
@@ -306,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     scale = QUICK if args.quick else FULL
     work = args.work or Path(tempfile.mkdtemp(prefix="chx-ablations-"))
     t0 = time.perf_counter()
-    runs, done = [], []
+    runs, done, ensembles = [], [], []
     for name in args.data:
         data = make_data(name, work, scale)
         if args.stage1:
@@ -318,6 +336,11 @@ def main(argv: list[str] | None = None) -> dict:
                     runs.append({"data": name, "row": row.key, "seed": seed, "mAP": score,
                                  "seconds": time.perf_counter() - t})
                     print(f"  seed {seed} | {row.key}: mAP {score:.3f} ({runs[-1]['seconds']:.0f} s)", flush=True)
+            base = [r["mAP"] for r in runs if r["data"] == name and r["row"] == STAGE1_BASE.key]
+            ensembles.append({"data": name, "seeds": scale.seeds, "best_single": max(base),
+                              "mean_single": statistics.fmean(base),
+                              "ensemble": seed_ensemble(data, [work / name / f"seed{s}" / "stage1-row0"
+                                                               for s in range(scale.seeds)])})
             continue
         shared_stages(data, work, scale)
         done.append(data)
@@ -338,10 +361,15 @@ def main(argv: list[str] | None = None) -> dict:
     total = time.perf_counter() - t0
     table = aggregate(runs, STAGE1_BASE.key if args.stage1 else BASE.key)
     text = markdown(table, done, scale, total, stage1=args.stage1)
+    for e in ensembles:
+        text += (f"\nEnsemble of the base row's {e['seeds']} seeds ({e['data']}, mean of their probabilities, as "
+                 f"`chx ensemble` predicts): mAP {e['ensemble']:.3f}; best single seed {e['best_single']:.3f}, "
+                 f"mean single {e['mean_single']:.3f} (one ensemble: no spread).\n")
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "ablations.md") as tmp:
         Path(tmp).write_text(text)
     record = {"scale": asdict(scale), "quick": args.quick, "seconds": total, "runs": runs, "table": table,
+              "seed_ensembles": ensembles,
               "shared": [{"data": d.name, "seconds": d.shared_s, "most_views": d.most_views} for d in done]}
     with atomic_path(args.out / "ablations.json") as tmp:
         Path(tmp).write_text(json.dumps(record, indent=1))
