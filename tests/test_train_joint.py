@@ -162,6 +162,24 @@ def test_train_joint_resumes_exactly_and_trains_the_backbone_at_its_rate(capsys,
     assert json.loads((joint_run / "config.json").read_text())["kind"] == "joint"
 
 
+def test_train_joint_with_device_augmentation_matches_the_workers_and_resumes_exactly(capsys, demo, tmp_path):
+    """--augment-on device: the workers send each view un-augmented with its seed and BatchAugment
+    augments the batch's views on the device. On the CPU the losses are those of --augment-on workers
+    (the same augmentation, within interpolation tolerance), and a run cut after 2 steps and resumed
+    has the losses of the uninterrupted run, exactly."""
+    def train(out, *more):
+        code, _, err = run_chx(capsys, *joint_args(demo, "--max-steps", "4", *more, "-o", tmp_path / out))
+        assert code == 0, err
+        return train_losses(tmp_path / out)
+
+    full = train("device", "--augment-on", "device")
+    assert json.loads((tmp_path / "device" / "config.json").read_text())["options"]["augment_on"] == "device"
+    assert run_chx(capsys, *joint_args(demo, "--augment-on", "device", "--max-steps", "2", "-o", tmp_path / "cut"))[0] == 0
+    assert train("cut", "--augment-on", "device", "--resume") == full and len(full) == 4
+    workers = train("workers", "--augment-on", "workers")
+    assert all(abs(w - d) <= 1e-4 * abs(d) for w, d in zip(workers, full)), (workers, full)
+
+
 def test_the_joint_checkpoint_exports_predicts_and_evaluates_as_it_validated(capsys, demo, joint_run, tmp_path):
     best = joint_run / "best.pt"
     ckpt = load_checkpoint(best, kind="joint")

@@ -40,9 +40,11 @@ class StudyImageDataset(Dataset):
 
     def __init__(self, df: pl.DataFrame, images_root: str | Path, pre: Preprocess, *, max_views: int = 4,
                  train: bool = False, shuffle: bool = True, views: str = "all",
-                 classes: list[str] | None = None, cache=None):
-        # cache: an ImageCache (--images-cache) the views are read from instead of their files
-        self.images = ImageDataset(df, images_root, pre, train=train, classes=classes, cache=cache)
+                 classes: list[str] | None = None, cache=None, device_augment: bool = False):
+        # cache: an ImageCache (--images-cache) the views are read from instead of their files;
+        # device_augment (--augment-on device, training): views un-augmented in [0, 1] with their seeds
+        self.images = ImageDataset(df, images_root, pre, train=train, classes=classes, cache=cache,
+                                   device_augment=device_augment)
         self.max_views = max_views
         self.train = train
         self.shuffle = shuffle
@@ -73,11 +75,13 @@ class StudyImageDataset(Dataset):
         views = [self.views[r] for r in rows]
         pick = self.choose_views(views, [self.images.image_ids[r] for r in rows], seed)
         augment = self.train and seed is not None
-        images = [self.images[(int(rows[p]), _view_seed(seed, p)) if augment else int(rows[p])]["image"]
-                  for p in pick]
-        return {"images": torch.stack(images),
-                "view_types": torch.tensor([view_type(views[p]) for p in pick], dtype=torch.long),
-                "target": torch.from_numpy(self.labels[index]), "ids": self.study_ids[index], "index": index}
+        items = [self.images[(int(rows[p]), _view_seed(seed, p)) if augment else int(rows[p])] for p in pick]
+        out = {"images": torch.stack([it["image"] for it in items]),
+               "view_types": torch.tensor([view_type(views[p]) for p in pick], dtype=torch.long),
+               "target": torch.from_numpy(self.labels[index]), "ids": self.study_ids[index], "index": index}
+        if self.images.device_augment:       # each view's seed, for BatchAugment on the device
+            out["seeds"] = torch.tensor([int(it["seed"]) for it in items], dtype=torch.long)
+        return out
 
 
 def _view_seed(seed: int, position: int) -> int:
@@ -88,7 +92,8 @@ def _view_seed(seed: int, position: int) -> int:
 def collate_study_images(batch: list[dict]) -> dict:
     """Studies -> ``images`` [N, 1, S, S] (every real view, study after study, slot order: the
     backbone runs on no padding), ``view_mask`` [B, V] and ``view_types`` [B, V] (V = the batch's
-    largest study; padding slots OTHER), ``target`` [B, K], ``ids``, ``index``."""
+    largest study; padding slots OTHER), ``target`` [B, K], ``ids``, ``index`` (and ``seeds`` [N] with
+    ``--augment-on device``)."""
     v = max(len(b["view_types"]) for b in batch)
     mask = torch.zeros(len(batch), v, dtype=torch.bool)
     types = torch.full((len(batch), v), OTHER_TYPE, dtype=torch.long)
@@ -96,6 +101,9 @@ def collate_study_images(batch: list[dict]) -> dict:
         n = len(b["view_types"])
         mask[i, :n] = True
         types[i, :n] = b["view_types"]
-    return {"images": torch.cat([b["images"] for b in batch]), "view_mask": mask, "view_types": types,
-            "target": torch.stack([b["target"] for b in batch]), "ids": [b["ids"] for b in batch],
-            "index": torch.tensor([b["index"] for b in batch])}
+    out = {"images": torch.cat([b["images"] for b in batch]), "view_mask": mask, "view_types": types,
+           "target": torch.stack([b["target"] for b in batch]), "ids": [b["ids"] for b in batch],
+           "index": torch.tensor([b["index"] for b in batch])}
+    if "seeds" in batch[0]:                  # --augment-on device: one seed per row of images
+        out["seeds"] = torch.cat([b["seeds"] for b in batch])
+    return out

@@ -173,6 +173,7 @@ class JointOptions:
     balance: bool = option(False, "Class-aware sampling of studies.")
     eval_batch_size: int = option(16, "Studies per validation batch.", min=1, on_resume="free")
     soft_targets: str = option("expected", SOFT_TARGETS_HELP, choices=SOFT_TARGETS)
+    augment_on: str = _augment_on()
 
     def validate(self) -> None:
         if self.max_views is not None and self.max_views < 1:

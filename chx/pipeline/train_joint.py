@@ -23,6 +23,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from chx.data.batch_augment import BatchAugment, augment_on_device
 from chx.data.datasets import check_paths
 from chx.data.manifest import class_columns, file_sha256, read_manifest, soft_label_count
 from chx.data.image_cache import open_image_cache
@@ -100,8 +101,10 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
     train_df = df.filter(pl.col("split").is_null() | (pl.col("split") == "train"))
     val_df = df.filter(pl.col("split") == "val")
     cache = open_image_cache(images_cache, pre)
+    on_device = augment_on_device(opts.augment_on, ddp.device)     # --augment-on
     train_set = StudyImageDataset(train_df, images, pre, max_views=model.max_views, train=True,
-                                  shuffle=opts.shuffle, classes=classes, cache=cache)
+                                  shuffle=opts.shuffle, classes=classes, cache=cache, device_augment=on_device)
+    device_augment = BatchAugment(pre) if on_device else None
     require_training_split(len(train_set), "studies", str(manifest))
     val_set = StudyImageDataset(val_df, images, pre, max_views=model.max_views, classes=classes, cache=cache)
     train_set.require_files("training")
@@ -110,7 +113,10 @@ def train_joint(manifest: Path, images: Path, backbone: Path, out: Path, opts: J
                                unit="study", warn=warn, soft_targets=opts.soft_targets)
 
     def batch_loss(model, batch, device):
-        logits = model(images_to(batch["images"], device), batch["view_mask"].to(device),
+        images = batch["images"]
+        if device_augment is not None:    # the workers sent the views un-augmented, with their seeds
+            images = device_augment(images.to(device, non_blocking=True), batch["seeds"])
+        logits = model(images_to(images, device), batch["view_mask"].to(device),
                        batch["view_types"].to(device))
         return objective.loss(logits, batch["target"].to(device, non_blocking=True))
 
