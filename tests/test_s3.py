@@ -126,7 +126,8 @@ def requests(monkeypatch):
 
 def test_request_counts_of_a_shard_write_a_shard_read_and_a_study(s3, requests):
     """What a store costs on S3 over a plain object (1 PUT to write, 1 GET to read): a shard write is
-    3 requests (its done record deleted, the shard object put whole, the done record put), a shard
+    3 requests (its done record deleted, the shard object put whole, the done record put), 2 when the
+    writer has seen no done record for it (what extraction does: it reads them to find its work), a shard
     read 2 (one ranged GET of the rows, one of the done record with the rows' checksums; the record
     is kept once the store is complete, so a second read is 1), a study 1 (2 in a shard not read yet).
     Each row still checked against its checksum: a changed byte is refused."""
@@ -136,7 +137,16 @@ def test_request_counts_of_a_shard_write_a_shard_read_and_a_study(s3, requests):
         write_shard(s, 0)
         assert [m for m, _ in requests] == ["delete_object", "put_object", "put_object"], requests
         assert requests[1][1].endswith("/features/c.0.0.0.0") and requests[2][1].endswith("/shard_done/c.0.0")
-        for sh in range(1, s.n_shards):
+        # a writer reads the done records first (its work left): a shard it saw without one is written
+        # in 2 requests, no DELETE; one it saw done is cleared first as above
+        assert s.missing_shards().tolist() == list(range(1, s.n_shards))
+        requests.clear()
+        write_shard(s, 1)
+        assert [m for m, _ in requests] == ["put_object", "put_object"], requests
+        requests.clear()
+        write_shard(s, 0)
+        assert [m for m, _ in requests] == ["delete_object", "put_object", "put_object"], requests
+        for sh in range(2, s.n_shards):
             write_shard(s, sh)
         s.mark_complete()
         ptr = s.study_ptr

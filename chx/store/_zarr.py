@@ -341,12 +341,18 @@ class ZarrFeatureStore(FeatureStore):
             return (values[:, 0] if values.ndim == 2 else values) != 0
         out = np.zeros(n, dtype=bool)
         out[listed[listed < n]] = True
+        if self.is_sharded and self._local is None:
+            # Object storage: the shards listed without a done record. Writing one of them needs no DELETE
+            # first (a writer owns whole shards: nobody else puts that record meanwhile); one listed done is
+            # cleared before it is rewritten, as always.
+            self._absent_done = set(np.flatnonzero(~out).tolist())
         return out
 
     def _set_done(self, units: np.ndarray, records: np.ndarray | None = None) -> None:
         if self.is_sharded:
             for s, rec in zip(units, records):
                 self._arrays["shard_done"][int(s)] = rec
+                self.__dict__.get("_absent_done", set()).discard(int(s))
             return
         arr = self._arrays["done"]
         runs = contiguous_runs(units)
@@ -359,6 +365,8 @@ class ZarrFeatureStore(FeatureStore):
         name = self._done_array
         for u in units:
             if self._local is None:     # one DELETE (zarr's delete lists the key first); absent: nothing to do
+                if int(u) in self.__dict__.get("_absent_done", ()):
+                    continue            # this handle read no record for it (see _shard_records): no request
                 try:
                     _sync(self._zstore.fs._rm_file(self._object_path(self._key(name, int(u)))))
                 except FileNotFoundError:
