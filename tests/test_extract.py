@@ -80,7 +80,7 @@ def test_precision_is_recorded_in_the_store_and_repeated_by_predict(capsys, tmp_
     # a refill of the float32 store under bf16 is refused by its fingerprint (no mixed stores)
     monkeypatch.setattr(ex, "autocast_dtype", lambda precision, device: torch.bfloat16)
     code, _, err = extract(capsys, covid_backbone, covid_manifest, plain)
-    assert code != 0 and "precision" in err, err
+    assert code != 0 and "--precision fp32" in err, err     # names the option that continues the store
     monkeypatch.undo()
 
     ckpt = load_checkpoint(covid_models["fusion"])
@@ -90,7 +90,14 @@ def test_precision_is_recorded_in_the_store_and_repeated_by_predict(capsys, tmp_
     assert bundle["features"]["precision"] == "bfloat16"
     assert "precision" not in make_bundle(covid_backbone, covid_models["fusion"])["features"]
     assert Predictor.load(backbone=covid_backbone, fusion=tmp_path / "fusion.pt", device="cpu").amp is None
-    assert amp_of("bfloat16", torch.device("cuda")) is torch.bfloat16 and amp_of(None, torch.device("cuda")) is None
+    import chx.engine.predictor as pr
+    asked = []
+    monkeypatch.setattr(pr, "amp_of", lambda name, device: asked.append(name) or torch.bfloat16)   # as on a GPU
+    assert Predictor.load(backbone=covid_backbone, fusion=tmp_path / "fusion.pt", device="cpu").amp is torch.bfloat16
+    assert asked == ["bfloat16"]
+    # on a GPU: bf16, or fp16 where it has no bf16 (this machine's torch has no GPU to ask)
+    assert amp_of("bfloat16", torch.device("cuda")) in (torch.bfloat16, torch.float16)
+    assert amp_of(None, torch.device("cuda")) is None and amp_of("bfloat16", torch.device("cpu")) is None
 
 
 def test_kill_9_mid_extraction_then_rerun_equals_uninterrupted(capsys, tmp_path, covid_backbone, covid_manifest,

@@ -162,7 +162,8 @@ def test_train_joint_resumes_exactly_and_trains_the_backbone_at_its_rate(capsys,
     assert json.loads((joint_run / "config.json").read_text())["kind"] == "joint"
 
 
-def test_train_joint_with_device_augmentation_matches_the_workers_and_resumes_exactly(capsys, demo, tmp_path):
+def test_train_joint_with_device_augmentation_matches_the_workers_and_resumes_exactly(capsys, demo, tmp_path,
+                                                                                      monkeypatch):
     """--augment-on device: the workers send each view un-augmented with its seed and BatchAugment
     augments the batch's views on the device. On the CPU the losses are those of --augment-on workers
     (the same augmentation, within interpolation tolerance), and a run cut after 2 steps and resumed
@@ -172,11 +173,19 @@ def test_train_joint_with_device_augmentation_matches_the_workers_and_resumes_ex
         assert code == 0, err
         return train_losses(tmp_path / out)
 
+    from chx.data.batch_augment import BatchAugment
+
+    calls = []
+    forward = BatchAugment.forward
+    monkeypatch.setattr(BatchAugment, "forward", lambda self, x, seeds: calls.append(len(seeds)) or forward(self, x, seeds))
     full = train("device", "--augment-on", "device")
+    assert len(calls) == 4 and all(n >= 2 for n in calls)       # one batch of >= 2 views per step, on the device
     assert json.loads((tmp_path / "device" / "config.json").read_text())["options"]["augment_on"] == "device"
     assert run_chx(capsys, *joint_args(demo, "--augment-on", "device", "--max-steps", "2", "-o", tmp_path / "cut"))[0] == 0
     assert train("cut", "--augment-on", "device", "--resume") == full and len(full) == 4
+    calls.clear()
     workers = train("workers", "--augment-on", "workers")
+    assert not calls and len(workers) == len(full)
     assert all(abs(w - d) <= 1e-4 * abs(d) for w, d in zip(workers, full)), (workers, full)
 
 

@@ -8,6 +8,8 @@ horizontal flip (:func:`predict_images` on images, :func:`fusion_probs` on a stu
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,8 @@ def feature_maps(model: nn.Module, images: torch.Tensor, pool: int = 1, flip: bo
     ``flip``: of the horizontally flipped images. ``pool`` > 1 average-pools K x K (in float32).
     ``amp``: the forward under autocast to this dtype (extraction's ``--precision``; None: float32)."""
     x = images_to(torch.flip(images, dims=[-1]) if flip else images, images.device)
-    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    # amp None: the caller's precision (e.g. train-joint's validation under the training autocast)
+    with torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
         fmap = model.forward_features(x)
     # the one definition of pooling + float16 rounding, shared with joint training's forward
     return stored_maps(fmap, pool).to(FEATURE_DTYPE)
@@ -78,6 +81,8 @@ def amp_of(name: str | None, device: torch.device) -> torch.dtype | None:
     """The autocast dtype that repeats a store's recorded precision on ``device`` (CUDA only)."""
     if name is None or torch.device(device).type != "cuda":
         return None
+    if name == "bfloat16" and not torch.cuda.is_bf16_supported():
+        return torch.float16        # a GPU without bf16 (e.g. V100): the nearest it has
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 

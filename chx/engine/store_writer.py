@@ -148,6 +148,8 @@ def fill_shards(store, shards, todo_rows: np.ndarray, loader, maps_of, desc: str
         for batch in tqdm(it, desc=desc, unit="batch", leave=False, disable=None):
             maps, flips = maps_of(batch)
             buffer.add(todo_rows[batch["index"].numpy()], maps, flips)
+            while queued and queued[0].done():     # a failed write stops the run now, not a shard later
+                done_one()
         while queued:
             done_one()
     return written, time.perf_counter() - t0

@@ -200,8 +200,9 @@ class ExtractOptions:
     workers: int = option(2, "DataLoader workers decoding images while the model runs.", min=0)
     device: str = option("auto", "auto, cpu or cuda.")
     precision: str = option("auto", "Arithmetic of the backbone's forward on a GPU: auto (bf16 if supported, "
-                                    "else fp16), bf16, fp16 or fp32 (4x slower on an H200); the CPU always "
-                                    "runs fp32. Recorded in the store; predict repeats it.",
+                                    "else fp16), bf16, fp16 or fp32 (1.7x slower end to end on an H200); the "
+                                    "CPU always runs fp32. Recorded in the store; predict repeats it (ONNX "
+                                    "exports run fp32).",
                             choices=("auto", "bf16", "fp16", "fp32"))
     shard: str | None = _shard()
     compress: bool = option(False, "Compress the maps in a new store (Zarr: zstd; HDF5: lzf). Float16 maps "

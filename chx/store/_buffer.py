@@ -7,10 +7,11 @@ import numpy as np
 
 class ShardBuffer:
     """Collects the maps of a writer's shards from batches of rows (any batch size, any order) and
-    writes each shard with ``store.write_shard`` as soon as all its rows are in.
+    hands each shard to ``write`` (default ``store.write_shard``) as soon as all its rows are in.
 
     Memory: the maps of the shards still incomplete - one shard (+ one batch) when rows arrive in
-    store order, as extraction's DataLoader delivers them. A shard whose rows never all arrive
+    store order, as extraction's DataLoader delivers them - plus those ``write`` still holds
+    (extraction's writer thread: up to 2 queued). A shard whose rows never all arrive
     (the process stops) is never written, so it stays missing and is redone by the next run.
     """
 

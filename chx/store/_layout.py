@@ -36,6 +36,9 @@ def fingerprint_diff(stored: dict, given: dict) -> list[str]:
         a, b = stored.get(k, "<absent>"), given.get(k, "<absent>")
         if a != b:
             out.append(f"{k}: {a!r} in the store vs {b!r} now")
+            if k == "precision":     # extract-features --precision (absent: float32, as before the option)
+                opt = {"<absent>": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(a, a)
+                out[-1] += f" (to continue this store, extract with --precision {opt})"
     return out
 
 
