@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chx.errors import ChxError
-from chx.store import ShardBuffer, backend_class, local_path, open_store
+from chx.store import ShardBuffer, backend_class, local_path, open_store, stopped_answering
 from chx.workers import batches
 
 
@@ -119,6 +119,23 @@ def writer_todo(store, df: pl.DataFrame, shard_i: int, shard_n: int):
     df_pos = np.empty(store.n_images, dtype=np.int64)
     df_pos[store.image_index(df["image_id"].to_list())] = np.arange(df.height)   # store row -> manifest row
     return mine, todo_rows, df.select(pl.all().gather(df_pos[todo_rows].tolist()))
+
+
+@contextlib.contextmanager
+def write_errors(path, what: str = "feature store", done: str = "the images written so far"):
+    """A failed write into a store or image cache (disk full, permissions, an object store that
+    stopped answering) is one clear line; what was written before stays marked done, so rerunning the
+    same command continues from there."""
+    try:
+        yield
+    except Exception as e:
+        lost = stopped_answering(path, e)
+        if lost is not None:
+            raise lost from None
+        if not isinstance(e, OSError):
+            raise
+        raise ChxError(f"could not write to the {what} {path}: {e.strerror or e}; {done} are kept: free space "
+                       f"(or fix the cause) and rerun the same command to continue") from None
 
 
 def fill_shards(store, shards, todo_rows: np.ndarray, loader, maps_of, desc: str,

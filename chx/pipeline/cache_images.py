@@ -10,7 +10,6 @@ one Zarr cache), ``--repair`` after ``chx store verify``; complete once every sh
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from chx.data.image_cache import DTYPE, ImageSteps, cache_fingerprint
 from chx.data.manifest import read_manifest
 from chx.data.transforms import Preprocess
 from chx.engine.store_writer import (check_writers, creation_lock, fill_shards, mark_if_complete, parse_shard,
-                                     repair_shards, writer_todo)
+                                     repair_shards, write_errors, writer_todo)
 from chx.errors import ChxError
 from chx.models import load_checkpoint
 from chx.options import CacheImagesOptions
@@ -70,7 +69,7 @@ def cache_images(o: CacheImagesOptions, images: Path | None, *, echo=print) -> C
     echo(f"image cache {out}: {df.height:,} images x {pre.size} px {pre.mode} {DTYPE} = "
          f"{projected_size(df.height, shape, False, DTYPE) / 2**20:,.1f} MiB before compression")
 
-    with _cache_errors(out), creation_lock(out):
+    with write_errors(out, "image cache", "the images cached so far"), creation_lock(out):
         store = create_store(
             out, image_ids=df["image_id"].to_list(), study_ids=df["study_id"].to_list(),
             views=df["view"].to_list(), splits=[""] * df.height, labels=np.zeros((df.height, 0), np.float32),
@@ -85,20 +84,10 @@ def cache_images(o: CacheImagesOptions, images: Path | None, *, echo=print) -> C
         files = ImageDataset(todo_df, images, pre, classes=[]).files
         loader = DataLoader(ImageSteps(files, pre), batch_size=o.batch_size, shuffle=False, num_workers=o.workers,
                             worker_init_fn=worker_init)
-        with _cache_errors(out):
+        with write_errors(out, "image cache", "the images cached so far"):
             written, elapsed = fill_shards(store, mine, todo_rows, loader, lambda b: (b["image"].numpy(), None),
                                            desc=f"cache{f' {shard_i}/{shard_n}' if shard_n > 1 else ''}")
     store.close()
-    with _cache_errors(out):
+    with write_errors(out, "image cache", "the images cached so far"):
         remaining = mark_if_complete(out)
     return CacheResult(out, pre, written, remaining, remaining == 0, written / elapsed if elapsed else 0.0)
-
-
-@contextlib.contextmanager
-def _cache_errors(path):
-    """A failed write (disk full, permissions) is one line; the shards written so far stay done."""
-    try:
-        yield
-    except OSError as e:
-        raise ChxError(f"could not write to the image cache {path}: {e.strerror or e}; the images cached so far "
-                       f"are kept: free space (or fix the cause) and rerun the same command to continue") from None

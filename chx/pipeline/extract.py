@@ -12,7 +12,6 @@ complete only when every shard is done. ``--repair`` re-extracts the shards that
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +26,10 @@ from chx.engine.compat import leakage_warning, require_same_classes
 from chx.engine.distributed import resolve_device
 from chx.engine.inference import autocast_dtype, feature_maps, load_backbone, model_to, precision_name
 from chx.engine.store_writer import (check_writers, creation_lock, fill_shards, mark_if_complete,
-                                     parse_shard, repair_shards, writer_todo)
-from chx.errors import ChxError
+                                     parse_shard, repair_shards, write_errors, writer_todo)
 from chx.models import eval_weights, weights_hash
 from chx.options import ExtractOptions
-from chx.store import create_store, projected_size, stopped_answering
+from chx.store import create_store, projected_size
 from chx.workers import worker_init
 
 __all__ = ["extract_features", "ExtractResult", "parse_shard"]   # parse_shard: chx.engine.store_writer's
@@ -87,7 +85,7 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
     echo(f"store {store_path}: {df.height:,} images x {feature_shape} {opts.dtype}"
          f"{' (+ flipped)' if flip else ''} = {size / 2**20:,.1f} MiB projected on disk before compression")
 
-    with _store_errors(store_path), creation_lock(str(store_path)):
+    with write_errors(store_path), creation_lock(str(store_path)):
         store = create_store(
             store_path, image_ids=df["image_id"].to_list(), study_ids=df["study_id"].to_list(),
             views=df["view"].to_list(), splits=df["split"].fill_null("").to_list(),
@@ -113,31 +111,12 @@ def extract_features(checkpoint: Path, manifest: Path, images: Path, store_path:
         dataset = ImageDataset(todo_df, images, pre, train=False, classes=classes, cache=cache)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                             pin_memory=dev.type == "cuda", worker_init_fn=worker_init)
-        with _store_errors(store_path):
+        with write_errors(store_path):
             written, elapsed = fill_shards(store, mine, todo_rows, loader, maps_of,
                                            desc=f"extract{f' {shard_i}/{shard_n}' if shard_n > 1 else ''}")
     store.close()
 
-    with _store_errors(store_path):
+    with write_errors(store_path):
         remaining = mark_if_complete(store_path)
     return ExtractResult(str(store_path), written, remaining, remaining == 0,
                          written / elapsed if elapsed else 0.0)
-
-
-@contextlib.contextmanager
-def _store_errors(store_path):
-    """A failed store write (disk full, permissions, an object store that stopped answering) is one
-    clear line; what was written before stays marked done, so rerunning the same command continues
-    from there."""
-    try:
-        yield
-    except Exception as e:
-        lost = stopped_answering(store_path, e)
-        if lost is not None:
-            raise lost from None
-        if not isinstance(e, OSError):
-            raise
-        reason = e.strerror or str(e)
-        raise ChxError(f"could not write to the feature store {store_path}: {reason}; the images "
-                       f"written so far are kept: free space (or fix the cause) and rerun the same "
-                       f"command to continue") from None
