@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chx.data.images import load_image
 from chx.data.manifest import file_sha256
-from chx.data.transforms import Preprocess, eval_transform
+from chx.data.transforms import Preprocess
 from chx.engine.compat import require_same_classes
 from chx.engine.distributed import resolve_device
 from chx.engine.inference import predict_images
-from chx.engine.predictor import (Predictor, bundle_spec, integrity_record, make_bundle, read_folder_config,
+from chx.engine.predictor import (ImageFiles, Predictor, bundle_spec, integrity_record, make_bundle, read_folder_config,
                                   require_finite_weights)
 from chx.errors import ChxError
 from chx.models import load_checkpoint, load_model
@@ -177,19 +176,6 @@ def read_ensemble(folder: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ predictors
 
-class _Images(torch.utils.data.Dataset):
-    """Image files decoded and preprocessed as training saw them, for :func:`predict_images`."""
-
-    def __init__(self, files: list[Path], pre: Preprocess):
-        self.files, self.pre, self.norm = list(files), pre, eval_transform(pre)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.norm(load_image(self.files[i], self.pre.size, self.pre.mode))}
-
-
 @dataclass
 class StageOnePredictor:
     """A stage-1 model on studies: every image's probabilities (hflip TTA as trained), averaged over
@@ -211,7 +197,7 @@ class StageOnePredictor:
     def predict_studies(self, studies, batch_size: int = 16, workers: int = 2,
                         show_progress: bool = True) -> np.ndarray:
         files = [Path(f) for paths, _, _ in studies for f in paths]
-        probs = predict_images(self.model, _Images(files, self.pre), batch_size=batch_size,
+        probs = predict_images(self.model, ImageFiles(files, self.pre), batch_size=batch_size,
                                workers=workers if len(files) > batch_size else 0, device=self.device,
                                tta=self.tta, desc="predict stage 1", show_progress=show_progress)
         ends = np.cumsum([len(s[0]) for s in studies])

@@ -393,7 +393,7 @@ class Predictor:
         k = len(self.class_names)
         if not files:
             return np.zeros((len(studies), k), np.float32)
-        loader = DataLoader(_ImageFiles(files, self.pre), batch_size=batch_size, shuffle=False,
+        loader = DataLoader(ImageFiles(files, self.pre), batch_size=batch_size, shuffle=False,
                             num_workers=workers if len(files) > batch_size else 0,
                             pin_memory=self.device.type == "cuda", worker_init_fn=worker_init)
         pending = {"maps": [], "flips": []}        # maps of images not yet through fusion, in order
@@ -418,9 +418,9 @@ class Predictor:
             done = upto
 
         with batches(loader) as it:                                 # workers end on any exit
-            for x in tqdm(it, total=len(loader), desc="predict", unit="batch", leave=False,
-                          disable=None if show_progress else True):
-                x = x.to(self.device, non_blocking=True)
+            for batch in tqdm(it, total=len(loader), desc="predict", unit="batch", leave=False,
+                              disable=None if show_progress else True):
+                x = batch["image"].to(self.device, non_blocking=True)
                 pending["maps"].append(feature_maps(self.backbone, x, self.pool, amp=self.amp))
                 if self.flip_tta:
                     pending["flips"].append(feature_maps(self.backbone, x, self.pool, flip=True, amp=self.amp))
@@ -455,8 +455,9 @@ class Predictor:
         return batches[0], mask, typ.to(self.device), batches[1]
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    """Image files decoded and preprocessed as training saw them ([1, S, S] each), for a DataLoader."""
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded and preprocessed as training saw them, for a DataLoader: items
+    ``{"image": [1, S, S]}`` (what :func:`chx.engine.inference.predict_images` takes too)."""
 
     def __init__(self, files: list[Path], pre: Preprocess):
         self.files, self.pre, self.norm = list(files), pre, eval_transform(pre)
@@ -464,5 +465,5 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.norm(load_image(self.files[i], self.pre.size, self.pre.mode))
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.norm(load_image(self.files[i], self.pre.size, self.pre.mode))}
