@@ -40,6 +40,7 @@ from chx.engine.predictor import (FOLDER_CONFIG, FOLDER_WEIGHTS, INTEGRITY_KEY, 
 from chx.errors import ChxError
 from chx.models import load_checkpoint, load_model, save_checkpoint
 from chx.pipeline.report import md_cell
+from chx.store import precision_option
 
 FORMATS = ("bundle", "hf", "onnx")
 # The largest difference of probabilities between the ONNX graphs and torch that an export accepts.
@@ -235,7 +236,7 @@ def _commands(runs, out: Path, specs: dict[str, list[OptionSpec]]) -> list[str]:
                 "checkpoint": _shown(ckpts["backbone"][0], out, 2), "manifest": "MANIFEST", "images": "IMAGES",
                 "store": store and _shown(store, out), "pool": fp.get("pool"),
                 "flip": fp.get("flip"), "dtype": fp.get("dtype"),
-                "precision": {"bfloat16": "bf16", "float16": "fp16"}.get(fp.get("precision"), "fp32")},
+                "precision": precision_option(fp.get("precision"))},
                 specs["extract-features"]))
         if "train_config" not in ckpt:   # e.g. converted by `chx import-reference`: no chx run made it
             lines.append(f"# {_shown(path, out, 2)}: not trained by chx (no options recorded)")

@@ -29,12 +29,12 @@ from chx.store._base import FeatureStore
 from chx.store._common import local_path, projected_size
 from chx.store._read import StoredMaps, StudyFeatures
 from chx.store._report import ShardProblem, VerifyReport
-from chx.store._layout import FORMAT_VERSION, StoreSpec, fingerprint_diff
+from chx.store._layout import FORMAT_VERSION, StoreSpec, fingerprint_diff, precision_option
 from chx.store._codec import DTYPES, default_shard_images
 from chx.store._codec import decode as decode_maps
 from chx.store._remote import stopped_answering
 
 __all__ = ["FeatureStore", "ShardBuffer", "StudyFeatures", "StoredMaps", "StoreSpec", "VerifyReport", "ShardProblem",
            "create_store", "open_store", "backend_class", "projected_size", "default_shard_images", "is_hdf5_path",
-           "local_path", "FORMAT_VERSION", "DTYPES", "decode_maps", "fingerprint_diff",
+           "local_path", "FORMAT_VERSION", "DTYPES", "decode_maps", "fingerprint_diff", "precision_option",
            "stopped_answering"]

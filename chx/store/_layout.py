@@ -29,6 +29,12 @@ def normalise_fingerprint(fingerprint: dict) -> dict:
         raise TypeError(f"fingerprint must be JSON-serialisable: {e}") from None
 
 
+def precision_option(name: str | None) -> str:
+    """The `extract-features --precision` that made maps of a fingerprint's "precision" (absent: fp32,
+    as in stores made before the option)."""
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(name, "fp32")
+
+
 def fingerprint_diff(stored: dict, given: dict) -> list[str]:
     """'field: stored -> given' for every field that differs (missing fields shown as <absent>)."""
     out = []
@@ -36,9 +42,8 @@ def fingerprint_diff(stored: dict, given: dict) -> list[str]:
         a, b = stored.get(k, "<absent>"), given.get(k, "<absent>")
         if a != b:
             out.append(f"{k}: {a!r} in the store vs {b!r} now")
-            if k == "precision":     # extract-features --precision (absent: float32, as before the option)
-                opt = {"<absent>": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(a, a)
-                out[-1] += f" (to continue this store, extract with --precision {opt})"
+            if k == "precision":
+                out[-1] += f" (to continue this store, extract with --precision {precision_option(stored.get(k))})"
     return out
 
 
