@@ -51,7 +51,8 @@ def evaluate(o: EvaluateOptions, cache: ImagesCacheOption, more_runs):
         result = evaluate_ensemble(o.checkpoint, out, manifest=o.manifest, images=images, split=o.split,
                                    thresholds_from=None if o.thresholds_from == "none" else o.thresholds_from,
                                    groups=o.groups, bootstrap=o.bootstrap, absent_classes=o.absent_classes,
-                                   batch_size=o.batch_size, workers=o.workers, overwrite=o.overwrite, views=o.views)
+                                   batch_size=o.batch_size, workers=o.workers, overwrite=o.overwrite, views=o.views,
+                                   images_cache=cache.images_cache)
         click.echo(summary_table(result))
         click.echo(f"\nreport: {out}/ (metrics.json with the members' rows, summary.md, predictions.csv, plots)")
         return

@@ -9,7 +9,8 @@ import click
 from chx.cli._base import CONTEXT, _images_of, _option_specs, _refuse_existing, _values_then_extras, cli
 from chx.cli.options import options
 from chx.errors import ChxError
-from chx.options import EnsembleOptions, ExplainOptions, ExportOptions, ImportReferenceOptions, PredictOptions
+from chx.options import (EnsembleOptions, ExplainOptions, ExportOptions, ImagesCacheOption, ImportReferenceOptions,
+                         PredictOptions)
 
 
 @cli.command("export", context_settings=CONTEXT,
@@ -98,9 +99,9 @@ def import_reference(ckpt, o: ImportReferenceOptions):
 
 
 @cli.command("predict", context_settings=CONTEXT, short_help="Study probabilities for new images.")
-@options(o=PredictOptions)
+@options(o=PredictOptions, cache=ImagesCacheOption)
 @click.argument("more_files", nargs=-1, type=click.Path(path_type=Path), metavar="")
-def predict(o: PredictOptions, more_files):
+def predict(o: PredictOptions, cache: ImagesCacheOption, more_files):
     """Run stage 1 + fusion end to end on new studies, with training's preprocessing; deterministic.
 
     Views (PA, AP, LATERAL, LL, OTHER) matter to the fusion model as in training: a manifest's view
@@ -114,8 +115,10 @@ def predict(o: PredictOptions, more_files):
       chx predict --bundle model.chx --files a.png b.png --views PA,LATERAL -o s1.csv
       chx predict --bundle model.chx --studies new-studies/ -o predictions.csv
       chx predict --bundle model.chx --manifest m.parquet --images imgs/ --split test -o test.csv
+      chx predict --bundle model.chx --manifest m.parquet --images-cache m-1024.zarr --split test -o test.csv
       chx predict --bundle model-onnx --runtime onnxruntime --studies new-studies/ -o predictions.csv
     """
+    from chx.engine.predictor import use_images_cache
     from chx.pipeline.predict import check_manifest_file, collect_inputs, load_predictor
     from chx.pipeline.predict import predict as run
 
@@ -129,14 +132,18 @@ def predict(o: PredictOptions, more_files):
         if o.runtime != "torch":
             raise ChxError("--explain needs the models' attention: use it with --runtime torch")
         _refuse_existing(explain_out, o.overwrite, "explain", option="--explain")
+    if cache.images_cache is not None and o.runtime != "torch":
+        raise ChxError("--images-cache needs --runtime torch (ONNX Runtime reads the image files): drop one of them")
     check_manifest_file(o.manifest)
-    images = _images_of(o.manifest, o.images)
+    # with --images-cache the files are read only for --explain's figures (and members of other sizes)
+    images = _images_of(o.manifest, o.images, required=cache.images_cache is None or explain_out is not None)
     inputs = collect_inputs(o.studies_dir, files or None, o.manifest, images, study_id=o.study_id, views=o.views,
-                            split=o.split)
+                            split=o.split, images_cache=cache.images_cache)
     predictor = load_predictor(o.runtime, o.bundle, o.backbone, o.fusion, joint=o.joint, device=o.device)
     if explain_out is not None and hasattr(predictor, "members"):
         raise ChxError(f"--explain: {o.bundle} is an ensemble bundle, whose members attend differently; explain "
                        f"them one by one: chx explain --bundle {o.bundle}/members/NAME")
+    use_images_cache(predictor, cache.images_cache, images)
     _warn_views(inputs, predictor)
     table = run(predictor, inputs, out, fmt, batch_size=o.batch_size, workers=o.workers)
     click.echo(f"wrote {out}: {table.height:,} rows ({inputs['study_id'].n_unique():,} studies, "
@@ -165,13 +172,14 @@ def _report_explain(doc: dict, out: Path) -> None:
 
 
 @cli.command("explain", context_settings=CONTEXT, short_help="Which view and region drove each finding.")
-@options(o=ExplainOptions)
+@options(o=ExplainOptions, cache=ImagesCacheOption)
 @click.argument("more_files", nargs=-1, type=click.Path(path_type=Path), metavar="")
-def explain(o: ExplainOptions, more_files):
+def explain(o: ExplainOptions, cache: ImagesCacheOption, more_files):
     """Show which view and which region drove each finding: per study one PNG (rows: findings,
     columns: views, each image with the finding's map on its own pixels, captioned with the
     probability and the view's share of the attention), explain.json (probabilities, shares, peaks
-    in image pixels) and index.html, a gallery that opens offline in a browser.
+    in image pixels) and index.html, a gallery that opens offline in a browser. With --images-cache
+    the models read their input from the cache; the figures still draw on the image files.
 
     \b
     Examples:
@@ -179,6 +187,7 @@ def explain(o: ExplainOptions, more_files):
       chx explain --bundle model.chx --manifest m.parquet --images imgs/ --split test --limit 20 -o ex
       chx explain --checkpoint runs/b/best.pt --files x.png -o x-explained
     """
+    from chx.engine.predictor import use_images_cache
     from chx.pipeline.explain import explain as run
     from chx.pipeline.explain import load_explainer, select_studies
     from chx.pipeline.predict import check_manifest_file, collect_inputs
@@ -188,9 +197,10 @@ def explain(o: ExplainOptions, more_files):
     check_manifest_file(o.manifest)
     images = _images_of(o.manifest, o.images)
     inputs = collect_inputs(o.studies_dir, files or None, o.manifest, images, study_id=o.study_id, views=o.views,
-                            split=o.split)
+                            split=o.split, images_cache=cache.images_cache)
     inputs = select_studies(inputs, limit=o.limit)
     explainer = load_explainer(o.bundle, o.backbone, o.fusion, o.checkpoint, o.method, o.device)
+    use_images_cache(getattr(explainer, "predictor", explainer), cache.images_cache, images)
     if o.checkpoint is None:      # the fusion models use views; a stage-1 model alone does not
         _warn_views(inputs, explainer.predictor)
     chosen = [c.strip() for c in o.classes.split(",") if c.strip()] if o.classes else None

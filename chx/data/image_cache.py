@@ -37,25 +37,29 @@ def cache_fingerprint(size: int, mode: str) -> dict:
             "values": "round(255 * load_image)"}
 
 
-def rebuild_hint(path, pre: Preprocess) -> str:
-    return (f"`chx cache-images --manifest MANIFEST --images ROOT --size {pre.size} --resize {pre.mode} "
+def rebuild_hint(path, pre: Preprocess | None) -> str:
+    size, mode = (pre.size, pre.mode) if pre is not None else ("SIZE", "MODE")
+    return (f"`chx cache-images --manifest MANIFEST --images ROOT --size {size} --resize {mode} "
             f"-o {path}` (--overwrite to replace it), or drop --images-cache to read the original files")
 
 
 class ImageCache:
-    """The read side of an image cache, checked against the preprocessing ``pre`` at open.
+    """The read side of an image cache, checked against the preprocessing ``pre`` at open (None:
+    any; ask :meth:`serves` for each model, as an ensemble of several sizes does).
 
     Picklable: a DataLoader worker opens the store itself on its first read."""
 
-    def __init__(self, path: str | Path, pre: Preprocess):
-        self.path, self.pre = str(path), pre
+    def __init__(self, path: str | Path, pre: Preprocess | None):
+        self.path = str(path)
         store = open_store(self.path)
         try:
             fp = store.fingerprint
+            self.size, self.mode = fp.get("size"), fp.get("mode")
             if fp.get("kind") != KIND:
                 raise ChxError(f"--images-cache {self.path} is a feature store (of extract-features), not an image "
                                f"cache; make one with {rebuild_hint(self.path, pre)}")
-            if (fp.get("size"), fp.get("mode")) != (pre.size, pre.mode):
+            self.pre = pre or Preprocess(size=self.size, mode=self.mode)   # for rebuild_hint
+            if pre is not None and not self.serves(pre):
                 raise ChxError(f"image cache {self.path} holds {fp.get('size')} px {fp.get('mode')} images but the "
                                f"model preprocesses to {pre.size} px {pre.mode}; rebuild it with "
                                f"{rebuild_hint(self.path, pre)}")
@@ -67,6 +71,10 @@ class ImageCache:
         finally:
             store.close()
         self._store, self._pid = None, None
+
+    def serves(self, pre: Preprocess) -> bool:
+        """Whether this cache holds the images as ``pre`` decodes them (its size and resize mode)."""
+        return (self.size, self.mode) == (pre.size, pre.mode)
 
     def rows_of(self, image_ids) -> np.ndarray:
         """Cache rows of these image ids; one line naming the rebuild when some are not cached."""

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chx.data.image_cache import open_image_cache
 from chx.data.images import read_image
 from chx.data.transforms import Preprocess
 from chx.data.views import FRONTAL_TYPE, LATERAL_TYPE, deterministic_view_order, view_type
@@ -191,7 +192,7 @@ class FusionExplainer:
                       image_ids: list[str]) -> Explanation:
         p = self.predictor
         order, types = study_views(views, image_ids, p.fusion.max_views)
-        x = p.images([paths[i] for i in order])                                   # [V, 1, S, S]
+        x = p.images([paths[i] for i in order], [image_ids[i] for i in order])    # [V, 1, S, S]
         types = torch.tensor([types], device=p.device)
         mask = torch.ones(1, len(order), dtype=torch.bool, device=p.device)
         maps = feature_maps(p.backbone, x, p.pool, amp=p.amp).float()[None]                  # [1, V, C, h, w]
@@ -241,6 +242,12 @@ class ImageExplainer:
             raise ChxError(f"explanation method {method!r} is not one of {', '.join(METHODS)}")
         self.net, self.pre, self.class_names = model.eval(), pre, list(class_names)
         self.device, self.tta, self.method = device, tta, method
+        self.cache = None
+
+    def use_images_cache(self, path: str | None) -> list[str]:
+        """The model's input from the image cache ``path`` by image id (figures still show the files)."""
+        self.cache = open_image_cache(path, self.pre)
+        return []
 
     @classmethod
     def load(cls, checkpoint: Path, device: str = "auto", method: str = "attention") -> "ImageExplainer":
@@ -260,7 +267,8 @@ class ImageExplainer:
     def explain_study(self, study_id: str, paths: list[Path], views: list[str],
                       image_ids: list[str]) -> Explanation:
         order = deterministic_view_order(views, image_ids)
-        x = load_images(self.pre, [paths[i] for i in order]).to(self.device)      # [V, 1, S, S]
+        x = load_images(self.pre, [paths[i] for i in order], self.cache,
+                        [image_ids[i] for i in order]).to(self.device)                  # [V, 1, S, S]
         logits, maps = self._logits_and_maps(x)
         probs = torch.sigmoid(logits.float())
         if self.tta:

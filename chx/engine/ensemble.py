@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chx.data.image_cache import ImageCache, open_image_cache, rebuild_hint
 from chx.data.manifest import file_sha256
 from chx.data.transforms import Preprocess
 from chx.engine.compat import require_same_classes
@@ -185,6 +186,12 @@ class StageOnePredictor:
     tta: bool
     class_names: list[str]
     device: torch.device
+    cache: ImageCache | None = None    # --images-cache (use_images_cache)
+
+    def use_images_cache(self, path: str | None) -> list[str]:
+        """Read the images from the image cache ``path`` by image id (see :meth:`Predictor.use_images_cache`)."""
+        self.cache = open_image_cache(path, self.pre)
+        return []
 
     @classmethod
     def load(cls, checkpoint: Path, device: str = "auto") -> "StageOnePredictor":
@@ -197,7 +204,8 @@ class StageOnePredictor:
     def predict_studies(self, studies, batch_size: int = 16, workers: int = 2,
                         show_progress: bool = True) -> np.ndarray:
         files = [Path(f) for paths, _, _ in studies for f in paths]
-        probs = predict_images(self.model, ImageFiles(files, self.pre), batch_size=batch_size,
+        ids = [i for _, _, image_ids in studies for i in image_ids]
+        probs = predict_images(self.model, ImageFiles(files, self.pre, self.cache, ids), batch_size=batch_size,
                                workers=workers if len(files) > batch_size else 0, device=self.device,
                                tta=self.tta, desc="predict stage 1", show_progress=show_progress)
         ends = np.cumsum([len(s[0]) for s in studies])
@@ -239,6 +247,26 @@ class EnsemblePredictor:
             require_member_classes(list(p.class_names), classes, m["name"], str(folder))
             members.append(p)
         return cls(members, [str(m["name"]) for m in doc["members"]], weights, classes, str(folder))
+
+    def use_images_cache(self, path: str | None) -> list[str]:
+        """Members whose preprocessing the image cache ``path`` holds read their images from it; the
+        others read the files. Returns those others ("name (size px mode)"); one line when the cache
+        serves no member (it was made at another size or resize mode)."""
+        for m in self.members:
+            m.cache = None
+        if path is None:
+            return []
+        cache = ImageCache(path, None)
+        served = [cache.serves(m.pre) for m in self.members]
+        if not any(served):
+            sizes = ", ".join(sorted({f"{m.pre.size} px {m.pre.mode}" for m in self.members}))
+            raise ChxError(f"image cache {path} holds {cache.size} px {cache.mode} images but no member of the "
+                           f"ensemble {self.source} preprocesses so ({sizes}); rebuild it with "
+                           f"{rebuild_hint(path, self.members[0].pre)}")
+        for m, ok in zip(self.members, served):
+            m.cache = cache if ok else None
+        return [f"{name} ({m.pre.size} px {m.pre.mode})" for name, m, ok in zip(self.names, self.members, served)
+                if not ok]
 
     @property
     def fusion_config(self) -> dict | None:

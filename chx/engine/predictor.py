@@ -24,6 +24,7 @@ import sys
 import numpy as np
 import torch
 
+from chx.data.image_cache import ImageCache, open_image_cache
 from chx.data.images import load_image
 from chx.data.transforms import Preprocess, eval_transform
 from chx.data.views import OTHER_TYPE, deterministic_view_order, view_types
@@ -303,10 +304,12 @@ def load_folder_bundle(folder: Path) -> dict:
             "features": config["features"]}
 
 
-def load_images(pre: Preprocess, paths: list[Path]) -> torch.Tensor:
-    """Decoded, preprocessed images [V, 1, S, S] float32 exactly as training and extraction saw them."""
-    norm = eval_transform(pre)
-    return torch.stack([norm(load_image(p, pre.size, pre.mode)) for p in paths])
+def load_images(pre: Preprocess, paths: list[Path], cache: ImageCache | None = None,
+                image_ids: list[str] | None = None) -> torch.Tensor:
+    """Decoded, preprocessed images [V, 1, S, S] float32 exactly as training and extraction saw them
+    (from the image ``cache`` by ``image_ids`` when one is given: the same tensors)."""
+    items = ImageFiles(paths, pre, cache, image_ids)
+    return torch.stack([items[i]["image"] for i in range(len(items))])
 
 
 def study_views(views: list[str], image_ids: list[str], max_views: int) -> tuple[list[int], list[int]]:
@@ -326,6 +329,7 @@ class Predictor:
     class_names: list[str]
     device: torch.device
     amp: torch.dtype | None = None     # the store's --precision, on a GPU (None: float32)
+    cache: ImageCache | None = None    # --images-cache: images read from it by image id (use_images_cache)
 
     @classmethod
     def load(cls, bundle: Path | None = None, backbone: Path | None = None, fusion: Path | None = None,
@@ -364,10 +368,18 @@ class Predictor:
                    data["features"]["pool"], data["features"]["flip_tta"], classes, dev,
                    amp_of(data["features"].get("precision"), dev))
 
+    def use_images_cache(self, path: str | None) -> list[str]:
+        """Read the images from the image cache ``path`` (`chx cache-images`) by image id instead of
+        their files (None: the files); one line when it was made at another size or resize mode.
+        Returns the parts it cannot serve (none: see :meth:`EnsemblePredictor.use_images_cache`)."""
+        self.cache = open_image_cache(path, self.pre)
+        return []
+
     @torch.no_grad()
-    def images(self, paths: list[Path]) -> torch.Tensor:
-        """Decoded, preprocessed images [V, 1, S, S] exactly as training and extraction saw them."""
-        return load_images(self.pre, paths).to(self.device)
+    def images(self, paths: list[Path], image_ids: list[str] | None = None) -> torch.Tensor:
+        """Decoded, preprocessed images [V, 1, S, S] exactly as training and extraction saw them
+        (from the image cache by ``image_ids`` after :meth:`use_images_cache`)."""
+        return load_images(self.pre, paths, self.cache, image_ids).to(self.device)
 
     @torch.no_grad()
     def predict_study(self, paths: list[Path], views: list[str], image_ids: list[str]) -> np.ndarray:
@@ -389,11 +401,12 @@ class Predictor:
 
         plans = [study_views(views, ids, self.fusion.max_views) for _, views, ids in studies]
         files = [studies[s][0][i] for s, (order, _) in enumerate(plans) for i in order]
+        ids = [studies[s][2][i] for s, (order, _) in enumerate(plans) for i in order]
         ends = np.cumsum([len(order) for order, _ in plans])        # images up to each study's last
         k = len(self.class_names)
         if not files:
             return np.zeros((len(studies), k), np.float32)
-        loader = DataLoader(ImageFiles(files, self.pre), batch_size=batch_size, shuffle=False,
+        loader = DataLoader(ImageFiles(files, self.pre, self.cache, ids), batch_size=batch_size, shuffle=False,
                             num_workers=workers if len(files) > batch_size else 0,
                             pin_memory=self.device.type == "cuda", worker_init_fn=worker_init)
         pending = {"maps": [], "flips": []}        # maps of images not yet through fusion, in order
@@ -455,15 +468,35 @@ class Predictor:
         return batches[0], mask, typ.to(self.device), batches[1]
 
 
+def use_images_cache(model, path: str | None, images: Path | None) -> None:
+    """``--images-cache PATH`` for a predictor or explainer of a manifest's images (found by image id).
+    ``images``: the manifest's images root (None: not given), needed by ensemble members the cache
+    does not serve (another size): one line without it, a note on stderr with it."""
+    if path is None:
+        return
+    others = model.use_images_cache(path)
+    if others and images is None:
+        raise ChxError(f"image cache {path} holds none of the images of {', '.join(others)} (another size): give "
+                       f"--images ROOT so that they read the files, or leave them out of the ensemble")
+    if others:
+        sys.stderr.write(f"note: {', '.join(others)} read the image files: the cache {path} holds other sizes\n")
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Image files decoded and preprocessed as training saw them, for a DataLoader: items
-    ``{"image": [1, S, S]}`` (what :func:`chx.engine.inference.predict_images` takes too)."""
+    ``{"image": [1, S, S]}`` (what :func:`chx.engine.inference.predict_images` takes too). With an
+    image ``cache`` (``--images-cache``) item i is read from its row of ``image_ids[i]`` instead of
+    its file: the same tensor (an id the cache lacks is one line, here, before any work)."""
 
-    def __init__(self, files: list[Path], pre: Preprocess):
-        self.files, self.pre, self.norm = list(files), pre, eval_transform(pre)
+    def __init__(self, files: list[Path], pre: Preprocess, cache: ImageCache | None = None,
+                 image_ids: list[str] | None = None):
+        self.files, self.pre, self.norm, self.cache = list(files), pre, eval_transform(pre), cache
+        self.rows = None if cache is None else cache.rows_of(list(image_ids))
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
+        if self.cache is not None:
+            return {"image": self.norm(self.cache.read(int(self.rows[i])))}
         return {"image": self.norm(load_image(self.files[i], self.pre.size, self.pre.mode))}

@@ -106,11 +106,13 @@ def make_ensemble(members: list[Path], out: Path, weights: str | None = None, *,
 def evaluate_ensemble(ensemble: Path, out: Path, *, manifest: Path | None, images: Path | None, split: str,
                       thresholds_from: str | None, groups: str, bootstrap: int, absent_classes: str,
                       batch_size: int, workers: int, overwrite: bool = False, views: str = "all",
-                      device: str = "auto") -> dict:
+                      device: str = "auto", images_cache: str | None = None) -> dict:
     """`chx evaluate --checkpoint ENSEMBLE`: every member and the ensemble on the same studies of
     ``split`` of a manifest (study labels: the study's images' labels, the maximum where they
     differ); the report is the ensemble's, with one row per member and the ensemble in
-    ``result["members"]`` (summary.md, metrics.json). Thresholds as evaluate tunes them."""
+    ``result["members"]`` (summary.md, metrics.json). Thresholds as evaluate tunes them.
+    ``images_cache``: the members it serves read their images from it (see
+    :meth:`~chx.engine.ensemble.EnsemblePredictor.use_images_cache`)."""
     import numpy as np
     import polars as pl
 
@@ -118,16 +120,19 @@ def evaluate_ensemble(ensemble: Path, out: Path, *, manifest: Path | None, image
     from chx.data.manifest import class_columns, read_manifest
     from chx.engine.compat import require_same_classes
     from chx.engine.ensemble import EnsemblePredictor
+    from chx.engine.predictor import use_images_cache
     from chx.metrics import evaluate_scores, tune_thresholds
     from chx.pipeline.report import check_report_folder, write_report
 
-    if manifest is None or images is None:
-        raise ChxError("an ensemble is evaluated per study on images: give --manifest and --images")
+    if manifest is None or (images is None and images_cache is None):
+        raise ChxError("an ensemble is evaluated per study on images: give --manifest and --images (or "
+                       "--images-cache)")
     if views != "all":
         raise ChxError("--views is not supported for an ensemble; evaluate its members with --views")
     check_report_folder(Path(out), overwrite)
     df = read_manifest(manifest)
     ens = EnsemblePredictor.load(ensemble, device=device)
+    use_images_cache(ens, images_cache, images)
     classes = list(ens.class_names)
     require_same_classes(class_columns(df), classes, str(manifest), str(ensemble))
     available = sorted(set(df["split"].drop_nulls().to_list()))
@@ -138,7 +143,7 @@ def evaluate_ensemble(ensemble: Path, out: Path, *, manifest: Path | None, image
     def score(name: str):
         part = df.filter(pl.col("split") == name)
         groups_ = list(part.group_by("study_id", maintain_order=True))
-        studies = [([Path(images) / p for p in g["path"]], g["view"].to_list(), g["image_id"].to_list())
+        studies = [([Path(images or "") / p for p in g["path"]], g["view"].to_list(), g["image_id"].to_list())
                    for _, g in groups_]
         labels = label_matrix(part.group_by("study_id", maintain_order=True).agg(pl.col(classes).max()), classes)
         per, combined = ens.member_studies(studies, batch_size=batch_size, workers=workers)

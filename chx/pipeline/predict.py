@@ -146,7 +146,8 @@ def check_manifest_file(manifest: Path | None) -> None:
 
 def collect_inputs(images_dir: Path | None = None, files: list[Path] | None = None,
                    manifest: Path | None = None, images: Path | None = None,
-                   study_id: str = "study", views: str | None = None, split: str | None = None) -> pl.DataFrame:
+                   study_id: str = "study", views: str | None = None, split: str | None = None,
+                   images_cache: str | None = None) -> pl.DataFrame:
     """One row per image: image_id, study_id, view, view_from (see :data:`VIEW_SOURCES`), file.
     ``study_id`` names the ``files`` study.
 
@@ -155,7 +156,9 @@ def collect_inputs(images_dir: Path | None = None, files: list[Path] | None = No
     (:func:`chx.data.views.file_name_view`), else OTHER. ``split``: only the manifest's studies of
     that split (every split when None). A manifest's paths must stay under ``images`` (no absolute
     paths, no '..'), as for every other reader of a manifest; symbolic links under the root are
-    followed. Ids made of non-UTF-8 file names are escaped (:func:`printable`)."""
+    followed. Ids made of non-UTF-8 file names are escaped (:func:`printable`). ``images_cache``
+    (``--images-cache``: the images are found in it by a manifest's image_id) goes with a manifest
+    only, which then needs no ``images`` (its ``file`` column is then the manifest's paths)."""
     given = sum(x is not None and x != [] for x in (images_dir, files, manifest))
     if given != 1:
         raise ChxError("give exactly one input: --studies DIR (a folder per study), --files F... "
@@ -165,9 +168,12 @@ def collect_inputs(images_dir: Path | None = None, files: list[Path] | None = No
                        "from DICOM headers and file names, --manifest from its view column")
     if split is not None and manifest is None:
         raise ChxError("--split needs --manifest (the split is a column of the manifest)")
+    if images_cache is not None and manifest is None:
+        raise ChxError("--images-cache finds a manifest's images by their image_id: it goes with --manifest; "
+                       "--files and --studies read the image files (drop --images-cache)")
     if manifest is not None:
         check_manifest_file(manifest)
-        if images is None:
+        if images is None and images_cache is None:
             raise ChxError("--manifest needs --images ROOT (the manifest's paths are relative to it)")
         df = read_manifest(manifest, require_labels=False)
         check_paths(df, source=str(manifest))
@@ -179,7 +185,7 @@ def collect_inputs(images_dir: Path | None = None, files: list[Path] | None = No
                                f"{', '.join(have) or 'none'}); choose another --split or drop it")
             df = chosen
         return _frame(df["image_id"].to_list(), df["study_id"].to_list(), df["view"].to_list(),
-                      [Path(images) / p for p in df["path"].to_list()], ["manifest"] * df.height)
+                      [Path(images or "") / p for p in df["path"].to_list()], ["manifest"] * df.height)
     rows = []
     if files:
         stated = parse_views(views, len(files)) if views is not None else [None] * len(files)
