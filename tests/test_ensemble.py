@@ -190,3 +190,37 @@ def test_cli_ensemble_in_its_own_process(models, tmp_path):
     code, _, err = chx("ensemble", models["a"], models["run"] / "best.pt", "-o", tmp_path / "bad")
     one_line(code, err, "fusion checkpoint", "chx export --backbone")
     assert not (tmp_path / "bad").exists()
+
+
+def test_compare_an_ensemble_with_its_members(models, tmp_path, capsys):
+    """`chx compare --ensemble`: each member's row, the ensemble's row, and the paired difference
+    (ensemble minus member, on the same resampled studies); a one-member ensemble differs by 0 exactly."""
+    code, _, err = run_chx(capsys, "ensemble", models["a"], models["b"], models["stage1"], "-o", tmp_path / "ens")
+    assert code == 0, err
+    args = ["compare", "--ensemble", tmp_path / "ens", "--manifest", models["val"], "--images", models["images"],
+            "--workers", "0", "--bootstrap", "200"]
+    code, out, err = run_chx(capsys, *args, "-o", tmp_path / "cmp.md")
+    assert code == 0, err
+    assert "| member | studies |" in out and "ensemble − member [95 % CI]" in out
+    results = json.loads((tmp_path / "cmp.json").read_text())
+    names = list(results)
+    assert len(names) == 4 and names[-1] == "ensemble" and all(r["n_studies"] == STUDIES for r in results.values())
+    for name in names[:-1]:
+        d = results[name]["ensemble_minus"]
+        assert d["mAP_diff"] == pytest.approx(results["ensemble"]["mAP"] - results[name]["mAP"], abs=1e-9)
+        lo, hi = d["mAP_diff_ci"]
+        assert lo <= d["mAP_diff"] <= hi and results[name]["mAP_ci"] is not None
+    code, _, err = run_chx(capsys, "ensemble", models["a"], "-o", tmp_path / "one")
+    assert code == 0, err
+    code, _, err = run_chx(capsys, *[tmp_path / "one" if a == tmp_path / "ens" else a for a in args],
+                           "-o", tmp_path / "one.md")
+    assert code == 0, err
+    one = json.loads((tmp_path / "one.json").read_text())
+    member = next(k for k in one if k != "ensemble")
+    assert one[member]["ensemble_minus"]["mAP_diff"] == 0 and one[member]["ensemble_minus"]["mAP_diff_ci"] == [0, 0]
+    # mistakes: one line each
+    code, _, err = run_chx(capsys, *args, "--store", "x.zarr")
+    one_line(code, err, "--ensemble", "drop --store")
+    code, _, err = run_chx(capsys, "compare", "--backbone", models["stage1"], "--manifest", models["val"],
+                           "--images", models["images"])
+    one_line(code, err, "missing: --fusion, --store", "--ensemble")

@@ -64,32 +64,49 @@ def evaluate(o: EvaluateOptions, cache: ImagesCacheOption, more_runs):
     click.echo(f"\nreport: {out}/ (metrics.json, per_class.csv, predictions.csv, summary.md, plots)")
 
 
-@cli.command("compare", context_settings=CONTEXT, short_help="Fusion vs per-study aggregations of stage 1.")
+@cli.command("compare", context_settings=CONTEXT,
+             short_help="Fusion vs per-study aggregations of stage 1; an ensemble vs its members.")
 @options(o=CompareOptions, cache=ImagesCacheOption)
 def compare(o: CompareOptions, cache: ImagesCacheOption):
     """Score fusion against the stage-1 model's predictions aggregated per study (mean, max, the
     reference's view-weighted mean, frontal-only, lateral-only), every method on the same studies
-    (frontal-only and lateral-only cover fewer studies: fusion is scored on those too).
+    (frontal-only and lateral-only cover fewer studies: fusion is scored on those too). Or, with
+    --ensemble, score an ensemble bundle against each of its members on the same studies.
 
-    Stage 1 and fusion both use flip TTA as `chx evaluate` does; mAP is per study.
+    Stage 1 and fusion both use flip TTA as `chx evaluate` does; mAP is per study. Every row has a
+    bootstrap 95 % interval; the difference column is paired (both scored on the same resampled studies).
 
     \b
-    Example:
+    Examples:
       chx compare --backbone runs/b/best.pt --fusion runs/f/best.pt --manifest covid.parquet \\
           --images covid-cxr/images --store runs/covid.zarr --split val -o compare-val.md
+      chx compare --ensemble ens --manifest covid.parquet --images covid-cxr/images --split val
     """
     from chx.atomic import json_text
-    from chx.pipeline.compare import compare_methods, format_table
+    from chx.pipeline.compare import compare_ensemble, compare_methods, format_table
 
+    pair = {"--backbone": o.backbone, "--fusion": o.fusion, "--store": o.store}
+    if o.ensemble is not None and any(v is not None for v in pair.values()):
+        given = ", ".join(k for k, v in pair.items() if v is not None)
+        raise ChxError(f"--ensemble compares an ensemble with its members: drop {given} (or drop --ensemble)")
+    if o.ensemble is None and any(v is None for v in pair.values()):
+        missing = ", ".join(k for k, v in pair.items() if v is None)
+        raise ChxError(f"give --backbone, --fusion and --store (fusion against stage 1; missing: {missing}), or "
+                       f"--ensemble ENS (an ensemble against its members)")
     out = o.out
     if out is not None:
         _refuse_existing(out, o.overwrite, "comparison")
         _refuse_existing(out.with_suffix(".json"), o.overwrite, "comparison")
     images = _images_of(o.manifest, o.images, required=cache.images_cache is None)
-    results = compare_methods(o.backbone, o.fusion, o.manifest, images, o.store, o.split, workers=o.workers,
-                              batch_size=o.batch_size, groups=o.groups, bootstrap=o.bootstrap,
-                              images_cache=cache.images_cache)
-    table = format_table(results, title=f"{o.split} split (mAP per study)")
+    if o.ensemble is not None:
+        results = compare_ensemble(o.ensemble, o.manifest, images, o.split, workers=o.workers,
+                                   batch_size=o.batch_size, bootstrap=o.bootstrap, images_cache=cache.images_cache)
+        table = format_table(results, title=f"{o.split} split (mAP per study)", versus="ensemble")
+    else:
+        results = compare_methods(o.backbone, o.fusion, o.manifest, images, o.store, o.split, workers=o.workers,
+                                  batch_size=o.batch_size, groups=o.groups, bootstrap=o.bootstrap,
+                                  images_cache=cache.images_cache)
+        table = format_table(results, title=f"{o.split} split (mAP per study)")
     click.echo(table)
     if out is not None:
         from chx.atomic import atomic_path

@@ -19,6 +19,7 @@ from chx.options import (EnsembleOptions, ExplainOptions, ExportOptions, ImagesC
 def export(o: ExportOptions):
     """Export both models' weights, the class names and the preprocessing for `chx predict` and
     other tools. Everything loads offline; nothing is uploaded (push an hf folder with your own tools).
+    --ensemble writes an ensemble bundle (`chx ensemble`) as an ensemble folder of hf or onnx members.
 
     \b
     Examples:
@@ -26,23 +27,38 @@ def export(o: ExportOptions):
       chx export --joint runs/j/best.pt -o model.chx
       chx export --backbone runs/b/best.pt --fusion runs/f/best.pt --format hf -o model-hf
       chx export --backbone runs/b/best.pt --fusion runs/f/best.pt --format onnx -o model-onnx
+      chx export --ensemble ens --format hf -o ens-hf
+      chx export --ensemble ens --format onnx -o ens-onnx
+      chx predict --bundle ens-onnx --runtime onnxruntime --studies new-studies/ -o predictions.csv
     """
     from chx.pipeline import export as stage
 
     fmt, backbone, fusion, joint = o.fmt, o.backbone, o.fusion, o.joint
     out = o.out or Path({"bundle": "model.chx", "hf": "model-hf", "onnx": "model-onnx"}[fmt])
+    specs = {name: _option_specs(command) for name, command in cli.commands.items()} if fmt == "hf" else None
+    if o.ensemble is not None:      # every member in that format, into an ensemble folder
+        stage.require_ensemble_alone(fmt, backbone, fusion, joint)
+        _refuse_existing(out, o.overwrite, "ensemble")
+        r = stage.export_ensemble(o.ensemble, fmt, out, specs)
+        _echo_onnx_check(r["max_abs_diff"])
+        click.echo(f"wrote {out}: {len(r['doc']['members'])} {fmt} members, {len(r['doc']['class_names'])} classes")
+        return
     _refuse_existing(out, o.overwrite, {"bundle": "bundle", "hf": "export-hf", "onnx": "export-onnx"}[fmt])
     if fmt == "bundle":
         b = stage.export_bundle(backbone, fusion, out, joint=joint)
     elif fmt == "hf":
-        specs = {name: _option_specs(command) for name, command in cli.commands.items()}
         b = stage.export_hf(backbone, fusion, out, specs, joint=joint)
     else:
         r = stage.export_onnx(backbone, fusion, out, joint=joint)
         b = r["bundle"]
-        click.echo(f"checked: ONNX Runtime's probabilities are within {r['max_abs_diff']:.1e} of torch's")
+        _echo_onnx_check(r["max_abs_diff"])
     click.echo(f"wrote {out}: {len(b['class_names'])} classes, backbone "
                f"{b['backbone']['model_config']['backbone_name']} at {b['backbone']['preprocess']['size']} px")
+
+
+def _echo_onnx_check(diff: float | None) -> None:
+    if diff is not None:
+        click.echo(f"checked: ONNX Runtime's probabilities are within {diff:.1e} of torch's")
 
 
 @cli.command("ensemble", context_settings=CONTEXT, short_help="Several models averaged into one ensemble bundle.")
@@ -118,7 +134,6 @@ def predict(o: PredictOptions, cache: ImagesCacheOption, more_files):
       chx predict --bundle model.chx --manifest m.parquet --images-cache m-1024.zarr --split test -o test.csv
       chx predict --bundle model-onnx --runtime onnxruntime --studies new-studies/ -o predictions.csv
     """
-    from chx.engine.predictor import use_images_cache
     from chx.pipeline.predict import check_manifest_file, collect_inputs, load_predictor
     from chx.pipeline.predict import predict as run
 
@@ -139,11 +154,11 @@ def predict(o: PredictOptions, cache: ImagesCacheOption, more_files):
     images = _images_of(o.manifest, o.images, required=cache.images_cache is None or explain_out is not None)
     inputs = collect_inputs(o.studies_dir, files or None, o.manifest, images, study_id=o.study_id, views=o.views,
                             split=o.split, images_cache=cache.images_cache)
-    predictor = load_predictor(o.runtime, o.bundle, o.backbone, o.fusion, joint=o.joint, device=o.device)
+    predictor = load_predictor(o.runtime, o.bundle, o.backbone, o.fusion, joint=o.joint, device=o.device,
+                               images_cache=cache.images_cache, images=images)
     if explain_out is not None and hasattr(predictor, "members"):
         raise ChxError(f"--explain: {o.bundle} is an ensemble bundle, whose members attend differently; explain "
                        f"them one by one: chx explain --bundle {o.bundle}/members/NAME")
-    use_images_cache(predictor, cache.images_cache, images)
     _warn_views(inputs, predictor)
     table = run(predictor, inputs, out, fmt, batch_size=o.batch_size, workers=o.workers)
     click.echo(f"wrote {out}: {table.height:,} rows ({inputs['study_id'].n_unique():,} studies, "
@@ -187,7 +202,6 @@ def explain(o: ExplainOptions, cache: ImagesCacheOption, more_files):
       chx explain --bundle model.chx --manifest m.parquet --images imgs/ --split test --limit 20 -o ex
       chx explain --checkpoint runs/b/best.pt --files x.png -o x-explained
     """
-    from chx.engine.predictor import use_images_cache
     from chx.pipeline.explain import explain as run
     from chx.pipeline.explain import load_explainer, select_studies
     from chx.pipeline.predict import check_manifest_file, collect_inputs
@@ -199,8 +213,8 @@ def explain(o: ExplainOptions, cache: ImagesCacheOption, more_files):
     inputs = collect_inputs(o.studies_dir, files or None, o.manifest, images, study_id=o.study_id, views=o.views,
                             split=o.split, images_cache=cache.images_cache)
     inputs = select_studies(inputs, limit=o.limit)
-    explainer = load_explainer(o.bundle, o.backbone, o.fusion, o.checkpoint, o.method, o.device)
-    use_images_cache(getattr(explainer, "predictor", explainer), cache.images_cache, images)
+    explainer = load_explainer(o.bundle, o.backbone, o.fusion, o.checkpoint, o.method, o.device,
+                               images_cache=cache.images_cache)
     if o.checkpoint is None:      # the fusion models use views; a stage-1 model alone does not
         _warn_views(inputs, explainer.predictor)
     chosen = [c.strip() for c in o.classes.split(",") if c.strip()] if o.classes else None

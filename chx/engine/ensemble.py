@@ -7,7 +7,9 @@ self-contained. A member is anything that predicts a study from its image files:
     bundle    a bundle file or hf folder of `chx export` (stage 1 + fusion), or a train-joint
               checkpoint: :class:`~chx.engine.predictor.Predictor`, its views and flip TTA;
     backbone  a stage-1 checkpoint: each image's probabilities (hflip TTA as trained), averaged
-              over the study's images (the ``mean`` of :mod:`chx.pipeline.aggregate`).
+              over the study's images (the ``mean`` of :mod:`chx.pipeline.aggregate`);
+    onnx      an ONNX folder of `chx export --ensemble ENS --format onnx` (every member of such an
+              ensemble): :class:`~chx.engine.onnx_runtime.OnnxPredictor`, under --runtime onnxruntime.
 
 Members may differ in backbone, input size and store; they must predict the same classes in the
 same order (:func:`chx.engine.compat.require_same_classes`). The ensemble's probabilities are the
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 
 from chx.data.image_cache import ImageCache, open_image_cache, rebuild_hint
@@ -41,7 +44,7 @@ ENSEMBLE_FORMAT = "chx-ensemble-1"
 ENSEMBLE_FILE = "ensemble.json"
 MEMBERS_DIR = "members"
 INTEGRITY_VERSION = 1
-MEMBER_KINDS = ("bundle", "backbone")
+MEMBER_KINDS = ("bundle", "backbone", "onnx")
 
 
 def is_ensemble(path) -> bool:
@@ -217,12 +220,27 @@ class StageOnePredictor:
 
 
 def load_member(path: Path, kind: str, device: str = "auto"):
-    """The predictor of one member (``kind`` as :func:`member_kind` gives it)."""
+    """The predictor of one member (``kind`` as :func:`member_kind` gives it, or ``onnx``: on the CPU)."""
     if kind == "backbone":
         return StageOnePredictor.load(path, device)
+    if kind == "onnx":
+        from chx.engine.onnx_runtime import OnnxPredictor
+
+        return OnnxPredictor.load(path)
     if Path(path).is_file() and load_checkpoint(path).get("kind") == "joint":
         return Predictor.load(joint=path, device=device)
     return Predictor.load(Path(path), device=device)
+
+
+def require_runtime(doc: dict, folder: Path, runtime: str) -> None:
+    """One line when the ensemble's members do not run on ``runtime`` (ONNX members: onnxruntime only)."""
+    onnx = [m.get("kind") == "onnx" for m in doc["members"]]
+    if runtime == "torch" and any(onnx):
+        raise ChxError(f"{folder} is an ensemble of ONNX exports: run it with --runtime onnxruntime (`chx predict "
+                       f"--bundle {folder} --runtime onnxruntime`), or use the ensemble it was exported from")
+    if runtime != "torch" and not all(onnx):
+        raise ChxError(f"{folder} is an ensemble of torch models: use --runtime torch, or export it with `chx export "
+                       f"--ensemble {folder} --format onnx` for --runtime onnxruntime")
 
 
 @dataclass
@@ -235,8 +253,10 @@ class EnsemblePredictor:
     source: str
 
     @classmethod
-    def load(cls, folder: Path, device: str = "auto") -> "EnsemblePredictor":
+    def load(cls, folder: Path, device: str = "auto", runtime: str = "torch") -> "EnsemblePredictor":
+        """The ensemble ``folder``; ``runtime`` onnxruntime for one of ONNX members, torch otherwise."""
         doc = read_ensemble(folder)
+        require_runtime(doc, folder, runtime)
         classes = list(doc["class_names"])
         weights = np.array([float(m.get("weight", 0)) for m in doc["members"]], np.float64)
         if not (np.all(np.isfinite(weights)) and np.all(weights > 0) and abs(weights.sum() - 1) < 1e-6):
@@ -268,10 +288,32 @@ class EnsemblePredictor:
         return [f"{name} ({m.pre.size} px {m.pre.mode})" for name, m, ok in zip(self.names, self.members, served)
                 if not ok]
 
+    @classmethod
+    def on_manifest(cls, folder: Path, manifest: Path | None, images: Path | None, images_cache: str | None,
+                    split: str, device: str = "auto") -> tuple["EnsemblePredictor", "pl.DataFrame"]:
+        """The ensemble ``folder`` and the manifest it is scored on (evaluate, compare), checked: the
+        same classes, ``split`` present, the images given (a root, an image cache, or both)."""
+        from chx.data.manifest import class_columns, read_manifest
+        from chx.engine.predictor import use_images_cache
+
+        if manifest is None or (images is None and images_cache is None):
+            raise ChxError("an ensemble is scored per study on images: give --manifest and --images (or "
+                           "--images-cache)")
+        df = read_manifest(manifest)
+        ens = cls.load(folder, device=device)
+        use_images_cache(ens, images_cache, images)
+        require_same_classes(class_columns(df), list(ens.class_names), str(manifest), str(folder))
+        available = sorted(set(df["split"].drop_nulls().to_list()))
+        if split not in available:
+            raise ChxError(f"split {split!r} is not in the data (it has: {', '.join(available) or 'no splits'}); "
+                           f"use --split with one of them")
+        return ens, df
+
     @property
     def fusion_config(self) -> dict | None:
         """The first fusion member's architecture (for predict's unknown-views warning)."""
-        return next((m.fusion.config for m in self.members if hasattr(m, "fusion")), None)
+        return next((getattr(m, "fusion_config", None) or m.fusion.config for m in self.members
+                     if hasattr(m, "fusion")), None)
 
     def combine(self, member_probs: np.ndarray) -> np.ndarray:
         """The weighted mean [S, K] of members' probabilities [M, S, K] (one member: itself exactly)."""
@@ -284,6 +326,23 @@ class EnsemblePredictor:
                                                      show_progress=show_progress), np.float32)
                         for m in self.members])
         return per, self.combine(per)
+
+    def score_split(self, df, split: str, images: Path | None, batch_size: int = 16,
+                    workers: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """A manifest's ``split`` per study, for evaluate and compare: (members' probabilities
+        [M, S, K], the ensemble's [S, K], study labels [S, K] (the maximum over the study's images;
+        NaN: not annotated), study ids). ``images``: the manifest's images root (None: every member
+        reads an image cache, :meth:`use_images_cache`)."""
+        from chx.data.datasets import label_matrix
+
+        part = df.filter(pl.col("split") == split)
+        groups = list(part.group_by("study_id", maintain_order=True))
+        studies = [([Path(images or "") / p for p in g["path"]], g["view"].to_list(), g["image_id"].to_list())
+                   for _, g in groups]
+        classes = list(self.class_names)
+        labels = label_matrix(part.group_by("study_id", maintain_order=True).agg(pl.col(classes).max()), classes)
+        per, combined = self.member_studies(studies, batch_size=batch_size, workers=workers)
+        return per, combined, labels, [str(k[0]) for k, _ in groups]
 
     def predict_studies(self, studies, batch_size: int = 16, workers: int = 2,
                         show_progress: bool = True) -> np.ndarray:

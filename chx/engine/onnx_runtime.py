@@ -167,6 +167,7 @@ class OnnxPredictor:
     flip_tta: bool
     max_views: int
     class_names: list[str]
+    fusion_config: dict | None = None   # config.json's fusion architecture (predict's unknown-views warning)
 
     @classmethod
     def load(cls, folder: Path, threads: int = 0) -> "OnnxPredictor":
@@ -183,7 +184,17 @@ class OnnxPredictor:
         check_graphs(sessions, spec, config.get("integrity"), Path(folder))
         return cls(sessions["backbone"], sessions["fusion"], Preprocess.from_dict(config["preprocessing"]),
                    bool(config["features"]["flip_tta"]), int(config["architecture"]["fusion"]["max_views"]),
-                   list(config["class_names"]))
+                   list(config["class_names"]), dict(config["architecture"]["fusion"]))
+
+    def predict_studies(self, studies, batch_size: int = 16, workers: int = 2,
+                        show_progress: bool = True) -> np.ndarray:
+        """Probabilities [S, K] of ``studies`` ((paths, views, image ids) each), one study at a time
+        (``batch_size`` and ``workers``: the torch predictor's interface; the graphs run per study)."""
+        from tqdm.auto import tqdm
+
+        rows = [self.predict_study(*s) for s in tqdm(studies, desc="predict", unit="study", leave=False,
+                                                      disable=None if show_progress else True)]
+        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, len(self.class_names)), np.float32)
 
     def predict_study(self, paths: list[Path], views: list[str], image_ids: list[str]) -> np.ndarray:
         """Study probabilities [K] from its image files (views: PA/AP/LATERAL/LL/OTHER)."""

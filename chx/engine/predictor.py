@@ -304,6 +304,14 @@ def load_folder_bundle(folder: Path) -> dict:
             "features": config["features"]}
 
 
+def load_bundle_file(path: Path) -> dict:
+    """The bundle of a `chx export` file, its spec checked against its integrity record."""
+    data = load_checkpoint(path, kind="bundle")
+    check_integrity(bundle_spec(data, str(path)), data.get("integrity"), str(path), "the bundle",
+                    weights={p: data[p]["state_dict"] for p in PARTS})
+    return data
+
+
 def load_images(pre: Preprocess, paths: list[Path], cache: ImageCache | None = None,
                 image_ids: list[str] | None = None) -> torch.Tensor:
     """Decoded, preprocessed images [V, 1, S, S] float32 exactly as training and extraction saw them
@@ -347,10 +355,7 @@ class Predictor:
         elif Path(bundle).is_dir():
             data = load_folder_bundle(bundle)
         else:
-            data = load_checkpoint(bundle, kind="bundle")
-            spec = bundle_spec(data, str(bundle))
-            check_integrity(spec, data.get("integrity"), str(bundle), "the bundle",
-                            weights={p: data[p]["state_dict"] for p in PARTS})
+            data = load_bundle_file(bundle)
         dev = resolve_device(device)
         source = str(bundle or fusion or joint)
         bundle_spec(data, source)     # distinct class names, valid preprocessing, class counts

@@ -129,11 +129,14 @@ class EvaluateOptions:
 class CompareOptions:
     """Options of `chx compare`."""
 
-    backbone: Path = _required("Stage-1 checkpoint.")
-    fusion: Path = _required("Fusion checkpoint trained on that backbone's store.")
+    backbone: Path | None = option(None, "Stage-1 checkpoint (with --fusion and --store).", path="any")
+    fusion: Path | None = option(None, "Fusion checkpoint trained on that backbone's store.", path="any")
+    ensemble: Path | None = option(None, "Instead of --backbone, --fusion and --store: an ensemble bundle (`chx "
+                                         "ensemble`); each member is compared with the ensemble.", path="any")
     manifest: Path = _required("Manifest of the images.")
     images: Path | None = _images()
-    store: str = option(None, "The feature store the fusion model was trained on.", required=True)
+    store: str | None = option(None, "The feature store the fusion model was trained on (with --backbone and "
+                                     "--fusion).")
     split: str = option("val", "Split to compare on.")
     groups: str = _groups()
     bootstrap: int = _bootstrap()
@@ -155,13 +158,17 @@ class ExportOptions:
     fusion: Path | None = option(None, "Fusion checkpoint trained on that backbone's features.", path="any")
     joint: Path | None = option(None, "Instead of --backbone and --fusion: a train-joint checkpoint (it holds "
                                       "both).", path="any")
+    ensemble: Path | None = option(None, "Instead of --backbone/--fusion or --joint: an ensemble bundle (`chx "
+                                         "ensemble`) to write as an ensemble folder of --format hf or onnx "
+                                         "members (same names and weights). Stage-1 members have neither "
+                                         "format.", path="any")
     fmt: str = option("bundle", "bundle: one file; hf: a Hugging Face folder (model.safetensors, config.json "
                                 "and a generated model card README.md); onnx: backbone.onnx and fusion.onnx "
                                 "(dynamic batch and views, checked against torch) with config.json, for "
                                 "--runtime onnxruntime (needs pip install 'chx[onnx]').", flag="--format",
                       choices=EXPORT_FORMATS)
-    out: Path | None = _out(None, "File (bundle) or folder (hf, onnx) to write.  [default: model.chx, model-hf "
-                                  "or model-onnx]")
+    out: Path | None = _out(None, "File (bundle) or folder (hf, onnx; with --ensemble an ensemble folder) to "
+                                  "write.  [default: model.chx, model-hf or model-onnx]")
     overwrite: bool = _overwrite("Replace an existing -o file or folder.")
 
 
@@ -284,7 +291,8 @@ class PredictOptions:
                              choices=("csv", "json", "parquet", "cxr-lt", "cxr-lt-2026"))
     device: str = _device()
     runtime: str = option("torch", "torch, or onnxruntime: the graphs of `chx export --format onnx` (--bundle "
-                                   "DIR) on the CPU, the same preprocessing (needs pip install 'chx[onnx]').",
+                                   "DIR, or an ensemble of them: `chx export --ensemble`) on the CPU, the same "
+                                   "preprocessing (needs pip install 'chx[onnx]').",
                           choices=("torch", "onnxruntime"))
     explain_out: Path | None = option(None, "Also write explanations into this folder, as `chx explain` does: one "
                                             "PNG per study (its top findings' attention on each view), "

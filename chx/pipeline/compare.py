@@ -1,4 +1,5 @@
-"""Fusion against the stage-1 model's per-study aggregations, on the same split and studies.
+"""Fusion against the stage-1 model's per-study aggregations, on the same split and studies; and an
+ensemble's members against the ensemble (:func:`compare_ensemble`).
 
 Stage-1 image probabilities (with hflip TTA when the backbone was trained with it) are aggregated
 per study by each method of :mod:`chx.pipeline.aggregate`; the fusion model predicts the same
@@ -99,6 +100,32 @@ def compare_methods(backbone: Path, fusion: Path, manifest: Path, images: Path, 
     return {**results, **fused_results}
 
 
+def compare_ensemble(ensemble: Path, manifest: Path | None, images: Path | None, split: str = CompareOptions.split,
+                     *, workers: int = CompareOptions.workers, batch_size: int = CompareOptions.batch_size,
+                     bootstrap: int = BOOTSTRAP_RESAMPLES, images_cache: str | None = None,
+                     device: str = "auto") -> dict[str, dict]:
+    """Every member of an ensemble bundle against the ensemble on the same studies of ``split``:
+    {member name: summary + ``ensemble_minus`` (the ensemble's mAP minus the member's, with its
+    paired bootstrap interval: both scored on the same resampled studies), "ensemble": summary}.
+    Each summary has the bootstrap interval of its mAP, its class-prior baseline and its marks."""
+    from chx.engine.ensemble import EnsemblePredictor
+
+    ens, df = EnsemblePredictor.on_manifest(ensemble, manifest, images, images_cache, split, device=device)
+    per, combined, labels, ids = ens.score_split(df, split, images, batch_size=batch_size, workers=workers)
+    if not ids:
+        raise ChxError(f"split {split!r} is empty")
+    classes, results, samples = list(ens.class_names), {}, None
+    for name, scores in zip(ens.names, per):
+        pair = paired_bootstrap(combined, scores, labels, bootstrap, BOOTSTRAP_SEED)   # same resamples for all
+        samples = pair["samples"][0]
+        row = summarize(scores, labels, classes, bootstrap=bootstrap, samples=pair["samples"][1])
+        results[name] = {**row, "n_studies": len(ids), "unit": "studies",
+                         "ensemble_minus": {"row": "ensemble", "mAP_diff": pair["diff"], "mAP_diff_ci": pair["ci"]}}
+    results["ensemble"] = {**summarize(combined, labels, classes, bootstrap=bootstrap, samples=samples),
+                           "n_studies": len(ids), "unit": "studies"}
+    return results
+
+
 MARK_SYMBOLS = {"interval includes the baseline": "≈ baseline", "few positives": "few positives"}
 
 
@@ -107,16 +134,18 @@ def _marks(r: dict) -> str:
                      for f in r.get("flags") or []) or ""
 
 
-def format_table(results: dict[str, dict], title: str = "") -> str:
+def format_table(results: dict[str, dict], title: str = "", versus: str = "fusion") -> str:
     """A Markdown table per method: mAP with its 95 % interval, the class-prior baseline, mAUC,
-    head-medium-tail mAP, fusion minus the method (paired interval) and the row's marks; then a line
-    saying how the intervals were computed and what the marks mean."""
+    head-medium-tail mAP, ``versus`` (fusion, or the ensemble of :func:`compare_ensemble`) minus the
+    method (paired interval) and the row's marks; then a line saying how the intervals were computed
+    and what the marks mean."""
+    what = "method" if versus == "fusion" else "member"
     lines = [title] if title else []
-    lines += ["| method | studies | mAP | 95 % CI | baseline | mAUC | mAP head | mAP medium | mAP tail "
-              "| fusion − method [95 % CI] | marks |",
+    lines += [f"| {what} | studies | mAP | 95 % CI | baseline | mAUC | mAP head | mAP medium | mAP tail "
+              f"| {versus} − {what} [95 % CI] | marks |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
-        d = r.get("fusion_minus")
+        d = r.get(f"{versus}_minus")
         diff = (f"{d['mAP_diff']:+.3f} {fmt_ci(d['mAP_diff_ci'])}" if d and d.get("mAP_diff_ci") is not None
                 else f"{d['mAP_diff']:+.3f}" if d else "")
         lines.append(f"| {name} | {r['n_studies']} | {fmt(r['mAP'])} | {fmt_ci(r.get('mAP_ci'))} | "
@@ -125,7 +154,7 @@ def format_table(results: dict[str, dict], title: str = "") -> str:
                      f"{diff} | {_marks(r)} |")
     boot = next((r.get("bootstrap") for r in results.values() if r.get("bootstrap")), None) or {}
     how = (f"95 % intervals: bootstrap over each row's studies ({boot['resamples']} resamples, seed "
-           f"{boot.get('seed', 0)}; fusion − method is paired: both scored on the same resampled studies)"
+           f"{boot.get('seed', 0)}; {versus} − {what} is paired: both scored on the same resampled studies)"
            if boot.get("resamples") else "no intervals (--bootstrap 0)")
     lines += ["", f"{how}. baseline: the class-prior mAP of the row's studies (an uninformative ranking "
                   f"scores each class's prevalence). Marks: ≈ baseline (the interval reaches the baseline), "

@@ -113,41 +113,19 @@ def evaluate_ensemble(ensemble: Path, out: Path, *, manifest: Path | None, image
     ``result["members"]`` (summary.md, metrics.json). Thresholds as evaluate tunes them.
     ``images_cache``: the members it serves read their images from it (see
     :meth:`~chx.engine.ensemble.EnsemblePredictor.use_images_cache`)."""
-    import numpy as np
-    import polars as pl
-
-    from chx.data.datasets import label_matrix
-    from chx.data.manifest import class_columns, read_manifest
-    from chx.engine.compat import require_same_classes
     from chx.engine.ensemble import EnsemblePredictor
-    from chx.engine.predictor import use_images_cache
     from chx.metrics import evaluate_scores, tune_thresholds
     from chx.pipeline.report import check_report_folder, write_report
 
-    if manifest is None or (images is None and images_cache is None):
-        raise ChxError("an ensemble is evaluated per study on images: give --manifest and --images (or "
-                       "--images-cache)")
     if views != "all":
         raise ChxError("--views is not supported for an ensemble; evaluate its members with --views")
     check_report_folder(Path(out), overwrite)
-    df = read_manifest(manifest)
-    ens = EnsemblePredictor.load(ensemble, device=device)
-    use_images_cache(ens, images_cache, images)
+    ens, df = EnsemblePredictor.on_manifest(ensemble, manifest, images, images_cache, split, device=device)
     classes = list(ens.class_names)
-    require_same_classes(class_columns(df), classes, str(manifest), str(ensemble))
-    available = sorted(set(df["split"].drop_nulls().to_list()))
-    if split not in available:
-        raise ChxError(f"split {split!r} is not in the data (it has: {', '.join(available) or 'no splits'}); "
-                       f"use --split with one of them")
+    available = set(df["split"].drop_nulls().to_list())
 
     def score(name: str):
-        part = df.filter(pl.col("split") == name)
-        groups_ = list(part.group_by("study_id", maintain_order=True))
-        studies = [([Path(images or "") / p for p in g["path"]], g["view"].to_list(), g["image_id"].to_list())
-                   for _, g in groups_]
-        labels = label_matrix(part.group_by("study_id", maintain_order=True).agg(pl.col(classes).max()), classes)
-        per, combined = ens.member_studies(studies, batch_size=batch_size, workers=workers)
-        return per, combined, labels, [str(k[0]) for k, _ in groups_]
+        return ens.score_split(df, name, images, batch_size=batch_size, workers=workers)
 
     with output_lock(out, "report"):
         per, combined, labels, ids = score(split)

@@ -23,7 +23,7 @@ from chx.atomic import atomic_dir, json_text, output_lock
 from chx.data.manifest import portable_path
 from chx.engine.attribution import Explanation, FusionExplainer, ImageExplainer
 from chx.engine.ensemble import is_ensemble, read_ensemble
-from chx.engine.predictor import Predictor
+from chx.engine.predictor import Predictor, use_images_cache
 from chx.errors import ChxError
 
 __all__ = ["load_explainer", "fusion_explainer", "select_studies", "explain", "render_figure"]
@@ -35,9 +35,17 @@ LABEL_W, HEADER_H, CAPTION_H, PAD = 170, 40, 20, 6
 HEAT_ALPHA = 0.6        # opacity of the colour at a row's highest value (0 at its lowest)
 
 
-def load_explainer(bundle, backbone, fusion, checkpoint, method: str, device: str = "auto"):
+def load_explainer(bundle, backbone, fusion, checkpoint, method: str, device: str = "auto",
+                   images_cache: str | None = None):
     """The explainer of the model(s) given: a stage-1 ``checkpoint`` alone (``method`` attention or
-    grad-cam), or the fusion pair (a bundle, or ``backbone`` + ``fusion``; attention only)."""
+    grad-cam), or the fusion pair (a bundle, or ``backbone`` + ``fusion``; attention only).
+    ``images_cache``: the model's input comes from that image cache (the figures from the files)."""
+    explainer = _load_explainer(bundle, backbone, fusion, checkpoint, method, device)
+    use_images_cache(getattr(explainer, "predictor", explainer), images_cache, images=None)
+    return explainer
+
+
+def _load_explainer(bundle, backbone, fusion, checkpoint, method: str, device: str):
     if checkpoint is not None:
         if bundle or backbone or fusion:
             raise ChxError("--checkpoint (a stage-1 model on its own) does not go with --bundle, --backbone "

@@ -14,6 +14,10 @@ Every format is written whole or not at all (a temp name, then a rename); a full
 Every format carries the sha256 of its class list, preprocessing, features and architecture, and an
 export id over them and the weights, in its weights (:func:`chx.engine.predictor.integrity_record`);
 every loader checks them. Duplicate class names and non-finite weights are not exported.
+
+An ensemble bundle (`chx ensemble`) is exported as hf or onnx member by member
+(:func:`export_ensemble`): an ensemble folder of the same layout whose members are hf or onnx
+folders with the same names and weights. Its stage-1 members have neither format: refused.
 """
 
 from __future__ import annotations
@@ -28,15 +32,15 @@ import numpy as np
 import torch
 
 import chx
-from chx.atomic import atomic_dir
+from chx.atomic import atomic_dir, json_text, output_lock, write_marker
 from chx.config import OptionSpec, command_line
 from chx.data.manifest import file_sha256, portable_path, read_manifest, summarize
 from chx.data.transforms import Preprocess
 from chx.data.views import VIEWS
-from chx.engine.ensemble import is_ensemble
-from chx.engine.predictor import (FOLDER_CONFIG, FOLDER_WEIGHTS, INTEGRITY_KEY, Predictor, bundle_spec,
-                                  folder_config, folder_tensors, integrity_record, joint_bundle, make_bundle,
-                                  require_finite_weights)
+from chx.engine.ensemble import ENSEMBLE_FILE, MEMBERS_DIR, ensemble_doc, is_ensemble, member_sha256, read_ensemble
+from chx.engine.predictor import (FOLDER_CONFIG, FOLDER_WEIGHTS, INTEGRITY_KEY, Predictor, bundle_spec, folder_config,
+                                  folder_tensors, integrity_record, joint_bundle, load_bundle_file, load_folder_bundle,
+                                  make_bundle, require_finite_weights)
 from chx.errors import ChxError
 from chx.models import load_checkpoint, load_model, save_checkpoint
 from chx.pipeline.report import md_cell
@@ -49,19 +53,23 @@ ONNX_TOLERANCE = 1e-4
 
 def bundle_of(backbone: Path | None, fusion: Path | None, joint: Path | None = None) -> dict:
     """The in-memory bundle of a stage-1 and a fusion checkpoint, or of a train-joint checkpoint."""
+    for given in (backbone, fusion, joint):
+        if is_ensemble(given):
+            raise ChxError(f"{given} is an ensemble bundle: export it with --ensemble {given} --format hf or "
+                           f"onnx, alone (as a bundle it already is one: copy the folder whole)")
     if [backbone is not None, fusion is not None, joint is not None] not in ([True, True, False],
                                                                             [False, False, True]):
         raise ChxError("give both --backbone and --fusion, or --joint (a train-joint checkpoint) alone")
-    for given in (backbone, fusion, joint):
-        if is_ensemble(given):
-            raise ChxError(f"{given} is an ensemble bundle: it is already a bundle (predict and evaluate take the "
-                           f"folder; copy it whole); hf and onnx exports of an ensemble are not supported: "
-                           f"export its members")
     bundle = joint_bundle(joint) if joint is not None else make_bundle(backbone, fusion)
-    source = str(joint or fusion)
-    bundle_spec(bundle, source)              # distinct class names, valid preprocessing, class counts
+    return _sealed(bundle, str(joint or fusion))
+
+
+def _sealed(bundle: dict, source: str) -> dict:
+    """``bundle`` checked for export (distinct class names, valid preprocessing, class counts, finite
+    weights), with its integrity record (checked by every loader: chx.engine.predictor)."""
+    bundle_spec(bundle, source)
     require_finite_weights(bundle, source)
-    bundle["integrity"] = integrity_record(bundle)   # checked by every loader (chx.engine.predictor)
+    bundle["integrity"] = integrity_record(bundle)
     return bundle
 
 
@@ -99,42 +107,136 @@ def export_hf(backbone: Path | None, fusion: Path | None, out: Path, specs: dict
               joint: Path | None = None) -> dict:
     """Write the Hugging Face folder ``out``; ``specs``: each command's options (to write the
     commands that made the model into its card). Returns the bundle."""
-    from safetensors.torch import save
-
     bundle = bundle_of(backbone, fusion, joint)
     with _writing(out), atomic_dir(out, "export-hf") as tmp:
-        # bytes, then a plain write: the file gets the umask's permissions like every other output;
-        # the integrity record (sha256 of the spec in config.json, export id) rides in the weights
-        metadata = {"format": "pt", INTEGRITY_KEY: json.dumps(bundle["integrity"])}
-        (tmp / FOLDER_WEIGHTS).write_bytes(save(folder_tensors(bundle), metadata=metadata))
-        (tmp / FOLDER_CONFIG).write_text(_config_text(folder_config(bundle)))
-        (tmp / "README.md").write_text(model_card(bundle, out, specs))
+        write_hf(bundle, tmp, model_card(bundle, out, specs))
     return bundle
+
+
+def write_hf(bundle: dict, folder: Path, card: str) -> None:
+    """The files of the Hugging Face folder of ``bundle`` (sealed: :func:`bundle_of`) into ``folder``:
+    model.safetensors, config.json and the model card ``card`` as README.md."""
+    from safetensors.torch import save
+
+    # bytes, then a plain write: the file gets the umask's permissions like every other output;
+    # the integrity record (sha256 of the spec in config.json, export id) rides in the weights
+    metadata = {"format": "pt", INTEGRITY_KEY: json.dumps(bundle["integrity"])}
+    (folder / FOLDER_WEIGHTS).write_bytes(save(folder_tensors(bundle), metadata=metadata))
+    (folder / FOLDER_CONFIG).write_text(_config_text(folder_config(bundle)))
+    (folder / "README.md").write_text(card)
 
 
 def export_onnx(backbone: Path | None, fusion: Path | None, out: Path, joint: Path | None = None) -> dict:
     """Write the ONNX folder ``out`` after checking its graphs against torch on random images with
     1 to max-views views; returns ``{"bundle", "max_abs_diff"}`` (the largest probability
     difference seen)."""
+    bundle = bundle_of(backbone, fusion, joint)
+    with _writing(out), atomic_dir(out, "export-onnx") as tmp:
+        diff = write_onnx(bundle, tmp, str(joint or fusion))
+    return {"bundle": bundle, "max_abs_diff": diff}
+
+
+def write_onnx(bundle: dict, folder: Path, source: str) -> float:
+    """backbone.onnx, fusion.onnx and config.json of ``bundle`` (sealed) into ``folder``, checked
+    against torch; returns the largest probability difference seen (above ONNX_TOLERANCE: one line)."""
     from chx.engine.onnx_runtime import GRAPHS, OnnxPredictor, export_graphs
 
-    bundle = bundle_of(backbone, fusion, joint)
-    source = str(joint or fusion)
     models = {part: load_model({**bundle[part], "source": source}, kind=part) for part in ("backbone", "fusion")}
     pre = Preprocess.from_dict(bundle["backbone"]["preprocess"])
-    with _writing(out), atomic_dir(out, "export-onnx") as tmp:
-        export_graphs(models["backbone"], models["fusion"], bundle["features"]["pool"], pre.size, tmp,
-                      metadata={INTEGRITY_KEY: json.dumps(bundle["integrity"])})
-        config = {**folder_config(bundle), "onnx": GRAPHS}
-        (tmp / FOLDER_CONFIG).write_text(_config_text(config))
-        torch_predictor = Predictor(models["backbone"], models["fusion"], pre, bundle["features"]["pool"],
-                                    bundle["features"]["flip_tta"], list(bundle["class_names"]),
-                                    torch.device("cpu"))
-        diff = _max_difference(torch_predictor, OnnxPredictor.load(tmp), tmp)
-        if not diff <= ONNX_TOLERANCE:
-            raise ChxError(f"the exported ONNX graphs give probabilities up to {diff:.2g} away from torch's "
-                           f"(more than {ONNX_TOLERANCE:g}); nothing was written: use --format hf or bundle")
-    return {"bundle": bundle, "max_abs_diff": diff}
+    export_graphs(models["backbone"], models["fusion"], bundle["features"]["pool"], pre.size, folder,
+                  metadata={INTEGRITY_KEY: json.dumps(bundle["integrity"])})
+    config = {**folder_config(bundle), "onnx": GRAPHS}
+    (folder / FOLDER_CONFIG).write_text(_config_text(config))
+    torch_predictor = Predictor(models["backbone"], models["fusion"], pre, bundle["features"]["pool"],
+                                bundle["features"]["flip_tta"], list(bundle["class_names"]), torch.device("cpu"))
+    diff = _max_difference(torch_predictor, OnnxPredictor.load(folder), folder)
+    if not diff <= ONNX_TOLERANCE:
+        raise ChxError(f"the exported ONNX graphs give probabilities up to {diff:.2g} away from torch's "
+                       f"(more than {ONNX_TOLERANCE:g}); nothing was written: use --format hf (or bundle, for "
+                       f"one model)")
+    return diff
+
+
+# ------------------------------------------------------------------------------------------- ensembles
+
+def require_ensemble_alone(fmt: str, backbone: Path | None = None, fusion: Path | None = None,
+                           joint: Path | None = None) -> None:
+    """--ensemble goes alone (no --backbone, --fusion, --joint) and with --format hf or onnx: one line."""
+    if backbone is not None or fusion is not None or joint is not None:
+        raise ChxError("--ensemble exports every member of an ensemble bundle: give it alone, without --backbone, "
+                       "--fusion or --joint")
+    if fmt == "bundle":
+        raise ChxError("--ensemble with --format bundle: the ensemble folder already is a bundle (predict and "
+                       "evaluate take it): copy the folder whole, or give --format hf or onnx")
+
+
+def require_bundle_member(member: dict) -> None:
+    """One line for a member of an ensemble that has no hf or onnx form: a stage-1 checkpoint, an ONNX export."""
+    name = member.get("name")
+    if member.get("kind") == "backbone":
+        raise ChxError(f"ensemble member {name!r} is a stage-1 checkpoint, which has no hf or onnx format (they hold "
+                       f"stage 1 + fusion): make the ensemble without it, or with its bundle (`chx export --backbone "
+                       f"IT --fusion F`), and export that")
+    if member.get("kind") != "bundle":
+        raise ChxError(f"ensemble member {name!r} is an ONNX export already: export the ensemble it was exported "
+                       f"from")
+
+
+def member_bundle(path: Path) -> dict:
+    """The bundle in memory of an ensemble member of kind ``bundle`` (an hf folder, a bundle file or a
+    train-joint checkpoint), checked as its loader checks it."""
+    if path.is_dir():
+        return load_folder_bundle(path)
+    if load_checkpoint(path).get("kind") == "joint":
+        return joint_bundle(path)
+    return load_bundle_file(path)
+
+
+def export_ensemble(ensemble: Path, fmt: str, out: Path, specs: dict[str, list[OptionSpec]] | None = None) -> dict:
+    """Write the ensemble bundle ``out`` of the members of the ensemble bundle ``ensemble``, each
+    exported in ``fmt`` (hf: :func:`write_hf`; onnx: :func:`write_onnx`, checked against torch), with
+    the same names, weights and classes; a member without that format is refused before anything is
+    written. ``specs`` (hf): each command's options, for the members' model cards. Returns
+    ``{"doc": ensemble.json's content, "max_abs_diff": the largest ONNX difference seen (onnx)}``."""
+    require_ensemble_alone(fmt)
+    ensemble, out = Path(ensemble), Path(out)
+    if not is_ensemble(ensemble):
+        raise ChxError(f"--ensemble {ensemble} is not an ensemble bundle (a folder with {ENSEMBLE_FILE}): make one "
+                       f"with `chx ensemble`")
+    doc = read_ensemble(ensemble)
+    for m in doc["members"]:
+        require_bundle_member(m)
+    records, diffs = [], []
+    with _writing(out), output_lock(out, "ensemble"), atomic_dir(out, "ensemble") as tmp:
+        for m in doc["members"]:
+            source = ensemble / m["path"]
+            dest = tmp / MEMBERS_DIR / (source.stem if source.is_file() else source.name)
+            dest.mkdir(parents=True)
+            try:
+                bundle = _sealed(member_bundle(source), str(source))
+                if fmt == "hf":
+                    write_hf(bundle, dest, _member_card(bundle, source, out / MEMBERS_DIR / dest.name, ensemble,
+                                                        specs))
+                else:
+                    diffs.append(write_onnx(bundle, dest, str(source)))
+            except ChxError as e:
+                raise ChxError(f"ensemble member {m['name']!r}: {e}") from None
+            write_marker(dest, f"export-{fmt}", [p.name for p in dest.iterdir()])   # as export_hf/onnx's folder
+            records.append({"name": m["name"], "path": dest.relative_to(tmp).as_posix(),
+                            "kind": "onnx" if fmt == "onnx" else "bundle", "weight": m["weight"],
+                            "sha256": member_sha256(dest)})
+        written = ensemble_doc(doc["class_names"], records)
+        (tmp / ENSEMBLE_FILE).write_text(json_text(written, indent=1) + "\n")
+    return {"doc": written, "max_abs_diff": max(diffs) if diffs else None}
+
+
+def _member_card(bundle: dict, source: Path, final: Path, ensemble: Path, specs: dict[str, list[OptionSpec]]) -> str:
+    """The model card of an ensemble's member exported to ``final``: an hf member's own card (the same
+    weights), else one generated from its runs."""
+    if (source / "README.md").is_file():
+        return (source / "README.md").read_text()
+    export = {"ensemble": _shown(ensemble, final), "fmt": "hf", "out": final.parent.parent.name}
+    return model_card(bundle, final, specs, export=export)
 
 
 def _config_text(config: dict) -> str:
@@ -170,8 +272,11 @@ def _max_difference(torch_predictor, onnx_predictor, folder: Path) -> float:
 # ----------------------------------------------------------------------------------------- model card
 
 def _runs(bundle: dict) -> list[tuple[str, Path, dict]]:
-    """(kind, checkpoint path, checkpoint) of each run that made the bundle, in training order."""
-    return [(kind, Path(path), load_checkpoint(path, kind=kind)) for kind, path in bundle["sources"].items()]
+    """(kind, checkpoint path, checkpoint) of each run that made the bundle, in training order; none
+    for a bundle read from an export folder, or whose checkpoints are no longer where it recorded them
+    (an ensemble's member)."""
+    return [(kind, Path(path), load_checkpoint(path, kind=kind)) for kind, path in (bundle.get("sources") or {}).items()
+            if Path(path).is_file()]
 
 
 def _shown(path, out: Path, keep: int = 1) -> str:
@@ -217,13 +322,17 @@ def _manifest_lines(ckpt: dict) -> list[str]:
     return lines or ["- not recorded in the checkpoint"]
 
 
+# Why a model card shows no runs (:func:`_runs`).
+NO_RUNS = "the checkpoints the model was exported from are not where its bundle recorded them"
+
 # The options of train-* that hold paths: the model card shows them without the training machine's
 # folders (:func:`_shown`).
 PATH_OPTIONS = frozenset({"manifests", "manifest", "images", "store", "backbone", "fusion", "weights", "out"})
 
 
-def _commands(runs, out: Path, specs: dict[str, list[OptionSpec]]) -> list[str]:
-    """The chx commands that made the model, from what each checkpoint recorded."""
+def _commands(runs, out: Path, specs: dict[str, list[OptionSpec]], export: dict | None = None) -> list[str]:
+    """The chx commands that made the model, from what each checkpoint recorded; ``export``: the
+    export command's options (default: the checkpoints, --format hf, -o ``out``)."""
     lines = []
     ckpts = dict((kind, (path, ckpt)) for kind, path, ckpt in runs)
     train = {"backbone": "train-backbone", "fusion": "train-fusion", "joint": "train-joint"}
@@ -246,20 +355,23 @@ def _commands(runs, out: Path, specs: dict[str, list[OptionSpec]]) -> list[str]:
                       else _shown(v, out, 2 if k in ("backbone", "fusion") else 1))
                   if k in PATH_OPTIONS and v else v for k, v in values.items()}
         lines.append(command_line(train[kind], values, specs[train[kind]]))
-    lines.append(command_line("export", {**{k: _shown(p, out, 2) for k, (p, _) in ckpts.items()}, "fmt": "hf",
-                                         "out": out.name}, specs["export"]))
+    export = export or {**{k: _shown(p, out, 2) for k, (p, _) in ckpts.items()}, "fmt": "hf", "out": out.name}
+    lines.append(command_line("export", export, specs["export"]))
     return lines
 
 
-def model_card(bundle: dict, out: Path, specs: dict[str, list[OptionSpec]]) -> str:
-    """README.md of the Hugging Face folder (YAML front matter, then Markdown)."""
+def model_card(bundle: dict, out: Path, specs: dict[str, list[OptionSpec]], export: dict | None = None) -> str:
+    """README.md of the Hugging Face folder ``out`` (YAML front matter, then Markdown); ``export``: the
+    export command's options when they are not the checkpoints' (:func:`_commands`)."""
     runs = _runs(bundle)
-    final_kind, final_path, final = runs[-1]       # the fusion (or joint) model: the study's output
+    # the fusion (or joint) model: the study's output (no run at hand: what the bundle itself holds)
+    final_kind, final_path, final = runs[-1] if runs else ("fusion", None, {})
     classes = list(bundle["class_names"])
     pre = bundle["backbone"]["preprocess"]
     features = bundle["features"]
     fusion_cfg = bundle["fusion"]["model_config"]
-    val, val_source = _val_record(final_path, final, out)
+    val, val_source = (_val_record(final_path, final, out) if final_path is not None
+                       else (None, f"not at hand: {NO_RUNS}"))
     per_class = (val or {}).get("per_class") or (final.get("metrics") or {}).get("per_class") or {}
     counts = final.get("train_counts") or [None] * len(classes)
     backbone_name = bundle["backbone"]["model_config"]["backbone_name"]
@@ -282,7 +394,7 @@ def model_card(bundle: dict, out: Path, specs: dict[str, list[OptionSpec]]) -> s
         lines.append(f"| {i} | {md_cell(c)} | {counts[i] if counts[i] is not None else 'n/a'} | "
                      f"{pc.get('support', 'n/a')} | {_fmt(pc.get('ap'))} | {_fmt(pc.get('auc'))} |")
 
-    lines += ["", "## Training data", ""]
+    lines += ["", "## Training data", "", *([] if runs else [f"Not at hand: {NO_RUNS}.", ""])]
     for kind, path, ckpt in runs:
         if ckpt.get("manifest_sha256"):
             lines += [f"Manifests of the {kind} run (`{_shown(path, out, 2)}`):", "", *_manifest_lines(ckpt), ""]
@@ -305,8 +417,8 @@ def model_card(bundle: dict, out: Path, specs: dict[str, list[OptionSpec]]) -> s
               f"- flip TTA: {tta}.",
               "", "config.json holds these settings; `chx predict` applies them.", "",
               "## Validation metrics", ""]
-    lines += ["| run | source | images/studies | mAP | mAUC | mAP head | mAP medium | mAP tail | class-prior mAP |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += (["| run | source | images/studies | mAP | mAUC | mAP head | mAP medium | mAP tail | class-prior mAP |",
+               "|---|---|---|---|---|---|---|---|---|"] if runs else [f"Not at hand: {NO_RUNS}."])
     for kind, path, ckpt in runs:
         record, source = _val_record(path, ckpt, out)
         r = record or {}
@@ -330,5 +442,5 @@ def model_card(bundle: dict, out: Path, specs: dict[str, list[OptionSpec]]) -> s
               "## How it was made", "",
               f"With chx {chx.__version__}; options at their default are left out. Each run folder's "
               f"config.json holds every option, and `--config RUN/config.json` repeats the run.", "",
-              "```bash", *_commands(runs, out, specs), "```", ""]
+              "```bash", *_commands(runs, out, specs, export), "```", ""]
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from chx.data.images import dicom_tags, is_dicom
 from chx.data.manifest import read_manifest
 from chx.data.views import canonical_view, file_name_view
 from chx.engine.ensemble import EnsemblePredictor, is_ensemble
-from chx.engine.predictor import Predictor
+from chx.engine.predictor import Predictor, use_images_cache
 from chx.errors import ChxError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
@@ -30,13 +30,25 @@ RUNTIMES = ("torch", "onnxruntime")
 
 
 def load_predictor(runtime: str = "torch", bundle: Path | None = None, backbone: Path | None = None,
-                   fusion: Path | None = None, joint: Path | None = None, device: str = "auto"):
+                   fusion: Path | None = None, joint: Path | None = None, device: str = "auto",
+                   images_cache: str | None = None, images: Path | None = None):
     """The predictor of the models given: torch (a bundle file or folder, the checkpoints) or
-    onnxruntime (the folder of `chx export --format onnx`, on the CPU)."""
+    onnxruntime (the folder of `chx export --format onnx`, on the CPU). ``images_cache``
+    (``--images-cache``): it reads a manifest's images from that image cache (``images``: the
+    manifest's images root, for ensemble members of another size; see
+    :func:`chx.engine.predictor.use_images_cache`)."""
+    predictor = _load_predictor(runtime, bundle, backbone, fusion, joint, device)
+    use_images_cache(predictor, images_cache, images)
+    return predictor
+
+
+def _load_predictor(runtime: str, bundle: Path | None, backbone: Path | None, fusion: Path | None,
+                    joint: Path | None, device: str):
     if is_ensemble(bundle):
-        if runtime != "torch" or backbone or fusion or joint:
-            raise ChxError(f"{bundle} is an ensemble bundle: give it alone as --bundle, with --runtime torch")
-        return EnsemblePredictor.load(bundle, device=device)
+        if backbone or fusion or joint:
+            raise ChxError(f"{bundle} is an ensemble bundle: give it alone as --bundle")
+        if runtime == "torch" or device in ("auto", "cpu"):    # onnxruntime on another device: refused below
+            return EnsemblePredictor.load(bundle, device=device, runtime=runtime)
     if runtime == "torch":
         return Predictor.load(bundle, backbone, fusion, device=device, joint=joint)
     if runtime != "onnxruntime":
