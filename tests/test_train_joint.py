@@ -211,6 +211,14 @@ def test_the_joint_checkpoint_exports_predicts_and_evaluates_as_it_validated(cap
     assert sorted(pred["study_id"]) == sorted(want)
     for row in pred.iter_rows():
         np.testing.assert_allclose(row[1:], want[row[0]], rtol=1e-4, atol=1e-5)
+    # a member of an ensemble exported as hf folders: the same probabilities
+    assert run_chx(capsys, "ensemble", best, "-o", tmp_path / "ens")[0] == 0
+    code, _, err = run_chx(capsys, "export", "--ensemble", tmp_path / "ens", "--format", "hf", "-o", tmp_path / "ens-hf")
+    assert code == 0, err
+    code, _, err = run_chx(capsys, "predict", "--bundle", tmp_path / "ens-hf", *inputs, "-o", tmp_path / "e.csv")
+    assert code == 0, err
+    np.testing.assert_allclose(pl.read_csv(tmp_path / "e.csv").drop("study_id").to_numpy(),
+                               pred.drop("study_id").to_numpy(), rtol=0, atol=1e-6)
 
     code, _, err = run_chx(capsys, "evaluate", "--checkpoint", best, "--manifest", demo["manifest"], "--images",
                            demo["images"], "--split", "val", "--workers", "0", "-o", tmp_path / "eval")

@@ -19,7 +19,9 @@ Where the features come from (``preload``):
   (:class:`chx.data.samplers.ShardShuffleSampler`) costs one long read per shard. A random order
   over many shards would read a whole shard per study: after ``2 * cache_shards`` misses with fewer
   hits than misses the cache turns itself off for that process (one warning) and studies are read
-  one by one, which ``cache_shards=0`` asks for from the start (random access).
+  one by one, which ``cache_shards=0`` asks for from the start (random access). Only where the
+  split has more than 2 studies per shard: with fewer, a shard read costs about a study's and any
+  order is as good (tiny stores, a small split of a store).
 - ``"auto"``: :func:`choose_preload`.
 
 What a shard read costs: the span of the split's rows in the shard, other splits' rows inside it
@@ -306,7 +308,8 @@ class StudyDataset(Dataset):
         entry = self._cache.get(k)
         if entry is None:
             self._misses += 1
-            if self._misses > 2 * self.cache_shards and self._misses > self._hits:
+            if (self._misses > 2 * self.cache_shards and self._misses > self._hits
+                    and len(self.studies) > 2 * len(self._plans)):     # > 2 studies per shard (see above)
                 warnings.warn(f"StudyDataset({self.store_path}): the read order is not shard-local "
                               f"({self._hits} cache hits, {self._misses} misses); reading studies "
                               f"one by one from now on in this process", RuntimeWarning, stacklevel=3)
