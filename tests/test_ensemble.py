@@ -210,6 +210,21 @@ def test_compare_an_ensemble_with_its_members(models, tmp_path, capsys):
         assert d["mAP_diff"] == pytest.approx(results["ensemble"]["mAP"] - results[name]["mAP"], abs=1e-9)
         lo, hi = d["mAP_diff_ci"]
         assert lo <= d["mAP_diff"] <= hi and results[name]["mAP_ci"] is not None
+    # evaluate's report of the ensemble: the same rows, intervals and paired intervals
+    code, out, err = run_chx(capsys, "evaluate", "--checkpoint", tmp_path / "ens", "--manifest", models["val"],
+                             "--images", models["images"], "--split", "val", "--workers", "0", "--bootstrap", "200",
+                             "-o", tmp_path / "eval")
+    assert code == 0, err
+    assert "ensemble − model [95 % CI]" in out
+    rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())["members"]
+    assert [r["model"] for r in rows] == names
+    for r in rows:
+        assert r["mAP"] == pytest.approx(results[r["model"]]["mAP"], abs=1e-12)
+        assert r["mAP_ci"] == pytest.approx(results[r["model"]]["mAP_ci"], abs=1e-12)
+        if r["model"] != "ensemble":
+            want = results[r["model"]]["ensemble_minus"]
+            assert r["ensemble_minus"]["mAP_diff"] == pytest.approx(want["mAP_diff"], abs=1e-12)
+            assert r["ensemble_minus"]["mAP_diff_ci"] == pytest.approx(want["mAP_diff_ci"], abs=1e-12)
     code, _, err = run_chx(capsys, "ensemble", models["a"], "-o", tmp_path / "one")
     assert code == 0, err
     code, _, err = run_chx(capsys, *[tmp_path / "one" if a == tmp_path / "ens" else a for a in args],

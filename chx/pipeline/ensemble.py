@@ -110,11 +110,13 @@ def evaluate_ensemble(ensemble: Path, out: Path, *, manifest: Path | None, image
     """`chx evaluate --checkpoint ENSEMBLE`: every member and the ensemble on the same studies of
     ``split`` of a manifest (study labels: the study's images' labels, the maximum where they
     differ); the report is the ensemble's, with one row per member and the ensemble in
-    ``result["members"]`` (summary.md, metrics.json). Thresholds as evaluate tunes them.
+    ``result["members"]`` (summary.md, metrics.json), each member's with its bootstrap interval and
+    the paired interval of the ensemble's mAP minus its (``ensemble_minus``: the same resampled
+    studies, as `chx compare --ensemble`). Thresholds as evaluate tunes them.
     ``images_cache``: the members it serves read their images from it (see
     :meth:`~chx.engine.ensemble.EnsemblePredictor.use_images_cache`)."""
     from chx.engine.ensemble import EnsemblePredictor
-    from chx.metrics import evaluate_scores, tune_thresholds
+    from chx.metrics import BOOTSTRAP_SEED, evaluate_scores, paired_bootstrap, tune_thresholds
     from chx.pipeline.report import check_report_folder, write_report
 
     if views != "all":
@@ -140,8 +142,11 @@ def evaluate_ensemble(ensemble: Path, out: Path, *, manifest: Path | None, image
         result = evaluate_scores(combined, labels, classes, thresholds=thresholds[-1], bootstrap=bootstrap, **kw)
         rows = []
         for name, weight, s, t in zip(ens.names, ens.weights, per, thresholds):
-            r = evaluate_scores(s, labels, classes, thresholds=t, bootstrap=0, **kw)
-            rows.append({"model": name, "weight": float(weight), **{k: r.get(k) for k in MEMBER_METRICS}})
+            # the same resamples as the ensemble's (the same seed): each interval, and the paired one
+            r = evaluate_scores(s, labels, classes, thresholds=t, bootstrap=bootstrap, **kw)
+            pair = paired_bootstrap(combined, s, labels, bootstrap, BOOTSTRAP_SEED, absent=absent_classes)
+            rows.append({"model": name, "weight": float(weight), **{k: r.get(k) for k in MEMBER_METRICS},
+                         "ensemble_minus": {"mAP_diff": pair["diff"], "mAP_diff_ci": pair["ci"]}})
         rows.append({"model": "ensemble", "weight": 1.0, **{k: result.get(k) for k in MEMBER_METRICS}})
         result["members"] = rows
         result["meta"] = {"checkpoint": str(ensemble), "kind": "ensemble", "split": split, "views": views,
@@ -152,4 +157,4 @@ def evaluate_ensemble(ensemble: Path, out: Path, *, manifest: Path | None, image
     return result
 
 
-MEMBER_METRICS = ("mAP", "mAUC", "mF1", "n")     # chx.pipeline.report.summary_table's member rows
+MEMBER_METRICS = ("mAP", "mAP_ci", "mAUC", "mF1", "n")     # chx.pipeline.report.summary_table's member rows

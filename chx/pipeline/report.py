@@ -101,9 +101,14 @@ def summary_table(result: dict) -> str:
         lines = ["| metric | value |", "|---|---:|"]
         lines += [f"| {label} | {_fmt_metric(key, result.get(key), result)} |" for label, key in MACRO_ROWS]
     if result.get("members"):      # an ensemble: every member and the ensemble on the same rows
-        lines += ["", "| model | weight | mAP | mAUC | mF1 | n |", "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {md_cell(m['model'])} | {fmt(m.get('weight'))} | {fmt(m.get('mAP'))} | {fmt(m.get('mAUC'))} | "
-                  f"{fmt(m.get('mF1'))} | {fmt(m.get('n'))} |" for m in result["members"]]
+        lines += ["", "| model | weight | mAP | 95 % CI | ensemble − model [95 % CI] | mAUC | mF1 | n |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for m in result["members"]:
+            d = m.get("ensemble_minus")
+            diff = f"{d['mAP_diff']:+.3f} {fmt_ci(d.get('mAP_diff_ci'))}" if d else ""
+            lines.append(f"| {md_cell(m['model'])} | {fmt(m.get('weight'))} | {fmt(m.get('mAP'))} | "
+                         f"{fmt_ci(m.get('mAP_ci'))} | {diff} | {fmt(m.get('mAUC'))} | {fmt(m.get('mF1'))} | "
+                         f"{fmt(m.get('n'))} |")
     lines += ["", "| class | group | train | support | n | AP | AUROC | F1 | threshold |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in classes_by_frequency(result):
