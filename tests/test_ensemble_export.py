@@ -174,3 +174,17 @@ def test_cli_export_of_an_ensemble_in_its_own_process(ens, tmp_path):
     assert code == 0, err
     assert f"wrote {out}: 2 hf members, " in stdout
     assert [m["kind"] for m in _doc(out)["members"]] == ["bundle", "bundle"]
+
+
+def test_a_members_card_describes_only_the_runs_that_made_it(ens, covid_models):
+    """The model card of an exported member uses a recorded checkpoint only when it holds the
+    member's weights: a path now holding another run's checkpoint, or none, is left out."""
+    from chx.models import load_checkpoint
+    from chx.pipeline.export import _runs
+
+    bundle = load_checkpoint(ens["tmp"] / "a.chx", kind="bundle")
+    assert [kind for kind, _, _ in _runs(bundle)] == ["backbone", "fusion"]
+    other = {**bundle, "sources": {**bundle["sources"], "fusion": str(ens["tmp"] / "fusion-2" / "best.pt")}}
+    assert [kind for kind, _, _ in _runs(other)] == ["backbone"]
+    gone = {**bundle, "sources": {"backbone": str(ens["tmp"] / "nowhere.pt"), "fusion": bundle["sources"]["fusion"]}}
+    assert [kind for kind, _, _ in _runs(gone)] == ["fusion"]

@@ -44,7 +44,22 @@ def setup(tmp_path_factory, covid_backbone, covid_models, covid_manifest):
             "cache": tmp / "c64.zarr", "stage1": covid_backbone, "stage1_96": tmp / "stage1-96.pt"}
 
 
-def test_predict_and_explain_from_the_cache_equal_the_files(capsys, setup):
+@pytest.fixture
+def cache_reads(monkeypatch):
+    """Counts the images read from an image cache (in-process runs, --workers 0)."""
+    from chx.data.image_cache import ImageCache
+
+    count, read = [0], ImageCache.read
+
+    def counted(self, row):
+        count[0] += 1
+        return read(self, row)
+
+    monkeypatch.setattr(ImageCache, "read", counted)
+    return count
+
+
+def test_predict_and_explain_from_the_cache_equal_the_files(capsys, setup, cache_reads):
     s, tmp = setup, setup["tmp"]
     base = ["predict", "--bundle", s["bundle"], "--manifest", s["val"], "--workers", "0"]
     code, _, err = run_chx(capsys, *base, "--images", s["images"], "-o", tmp / "files.csv")
@@ -58,13 +73,17 @@ def test_predict_and_explain_from_the_cache_equal_the_files(capsys, setup):
     # explain: the models' input from the cache, the figures from the files: the same explain.json
     ex = ["explain", "--bundle", s["bundle"], "--manifest", s["val"], "--images", s["images"], "--limit", "3"]
     assert run_chx(capsys, *ex, "-o", tmp / "ex-files")[0] == 0
+    before = cache_reads[0]
     code, _, err = run_chx(capsys, *ex, "--images-cache", s["cache"], "-o", tmp / "ex-cache")
     assert code == 0, err
+    assert cache_reads[0] > before         # the models' input came from the cache
     a, b = (json.loads((tmp / d / "explain.json").read_text()) for d in ("ex-files", "ex-cache"))
     assert a == b and len(a["studies"]) == 3
+    before = cache_reads[0]
     code, _, err = run_chx(capsys, "explain", "--checkpoint", s["stage1"], "--manifest", s["val"], "--images",
                            s["images"], "--limit", "2", "--images-cache", s["cache"], "-o", tmp / "ex-s1-cache")
     assert code == 0, err
+    assert cache_reads[0] > before
     code, _, err = run_chx(capsys, "explain", "--checkpoint", s["stage1"], "--manifest", s["val"], "--images",
                            s["images"], "--limit", "2", "-o", tmp / "ex-s1-files")
     assert code == 0, err
@@ -72,7 +91,7 @@ def test_predict_and_explain_from_the_cache_equal_the_files(capsys, setup):
     assert a == b
 
 
-def test_an_ensemble_reads_the_cache_where_it_fits_and_the_files_elsewhere(capsys, setup):
+def test_an_ensemble_reads_the_cache_where_it_fits_and_the_files_elsewhere(capsys, setup, cache_reads):
     s, tmp = setup, setup["tmp"]
     code, _, err = run_chx(capsys, "ensemble", s["bundle"], s["stage1"], s["stage1_96"], "-o", tmp / "ens")
     assert code == 0, err
@@ -92,8 +111,10 @@ def test_an_ensemble_reads_the_cache_where_it_fits_and_the_files_elsewhere(capsy
     ev = ["evaluate", "--checkpoint", tmp / "ens", "--manifest", s["val"], "--split", "val", "--workers", "0",
           "--bootstrap", "0"]
     assert run_chx(capsys, *ev, "--images", s["images"], "-o", tmp / "ev-files")[0] == 0
+    before = cache_reads[0]
     code, _, err = run_chx(capsys, *ev, "--images", s["images"], "--images-cache", s["cache"], "-o", tmp / "ev-cache")
     assert code == 0, err
+    assert cache_reads[0] > before
     a, b = (json.loads((tmp / d / "metrics.json").read_text()) for d in ("ev-files", "ev-cache"))
     assert a["mAP"] == b["mAP"] and a["members"] == b["members"]
 
@@ -123,14 +144,55 @@ def test_a_cache_that_does_not_serve_the_inputs_is_one_line(capsys, setup, tmp_p
 
 
 def test_predict_from_the_cache_in_its_own_process(setup, tmp_path):
-    """The console script with its defaults (2 DataLoader workers) reading the cache: exit 0, the
-    same table as in-process, no process left."""
+    """The console script with its default 2 DataLoader workers (batches of 4, so that they start)
+    reading the cache: exit 0, the same table as in-process, no process left."""
     from test_cli_subprocess import run as run_subprocess
 
     s = setup
     code, out, err = run_subprocess("predict", "--bundle", s["bundle"], "--manifest", s["val"], "--images-cache",
-                                    s["cache"], "-o", tmp_path / "p.csv")
+                                    s["cache"], "--batch-size", "4", "-o", tmp_path / "p.csv")
     assert code == 0, err[-2000:]
     assert f"{STUDIES} studies" in out
     table = pl.read_csv(tmp_path / "p.csv")
     assert table.height == STUDIES and np.isfinite(table.drop("study_id").to_numpy()).all()
+    code, _, err = run_subprocess("predict", "--bundle", s["bundle"], "--manifest", s["val"], "--images",
+                                  s["images"], "--batch-size", "4", "-o", tmp_path / "f.csv")
+    assert code == 0, err[-2000:]
+    assert pl.read_csv(tmp_path / "f.csv").equals(table)
+
+
+def test_a_manifest_whose_images_are_gone_is_served_by_the_cache(capsys, setup, tmp_path):
+    """A manifest and its cache copied to a machine without the images (the manifest records a root
+    that does not exist there): predict and evaluate read the cache; without it, one line naming the
+    missing root."""
+    s = setup
+    gone = tmp_path / "gone.parquet"
+    write_manifest(read_manifest(s["val"]), gone, images_root=tmp_path / "no-such-images")
+    code, _, err = run_chx(capsys, "predict", "--bundle", s["bundle"], "--manifest", gone, "--images-cache",
+                           s["cache"], "--workers", "0", "-o", tmp_path / "p.csv")
+    assert code == 0, err
+    assert pl.read_csv(tmp_path / "p.csv").height == STUDIES
+    code, _, err = run_chx(capsys, "evaluate", "--checkpoint", s["stage1"], "--manifest", gone, "--images-cache",
+                           s["cache"], "--split", "val", "--workers", "0", "--bootstrap", "0", "-o", tmp_path / "ev")
+    assert code == 0, err
+    code, _, err = run_chx(capsys, "predict", "--bundle", s["bundle"], "--manifest", gone, "-o", tmp_path / "q.csv")
+    one_line(code, err, "no-such-images", "no longer exists")
+    code, _, err = run_chx(capsys, "evaluate", "--checkpoint", s["stage1"], "--manifest", gone, "--split", "val",
+                           "-o", tmp_path / "ev2")
+    one_line(code, err, "no-such-images", "no longer exists")
+
+
+def test_compare_an_ensemble_refusals_and_distinct_row_names(capsys, setup, tmp_path):
+    from chx.pipeline.compare import row_names
+
+    s = setup
+    base = ["compare", "--manifest", s["val"], "--images", s["images"]]
+    code, _, err = run_chx(capsys, *base, "--ensemble", s["tmp"])
+    one_line(code, err, "is not an ensemble bundle", "chx ensemble")
+    code, _, err = run_chx(capsys, *base, "--ensemble", s["bundle"])
+    one_line(code, err, "is not an ensemble bundle")
+    assert run_chx(capsys, "ensemble", s["bundle"], "-o", tmp_path / "ens")[0] == 0
+    code, _, err = run_chx(capsys, *base, "--ensemble", tmp_path / "ens", "--groups", "thirds")
+    one_line(code, err, "--groups", "drop --groups")
+    assert row_names(["a/m.chx", "b", "a/m.chx", "ensemble"]) == ["a/m.chx (member 1)", "b", "a/m.chx (member 3)",
+                                                                  "ensemble (member 4)"]

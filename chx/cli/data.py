@@ -111,8 +111,8 @@ def prepare(dataset, sources, classes, o: PrepareOptions, **adapter_options):
 def cache_images(o: CacheImagesOptions):
     """Decode every image of a manifest once, resized as the model preprocesses (--size, --resize, or
     a --checkpoint's), into a sharded image cache; then give --images-cache to train-backbone,
-    extract-features, train-joint, evaluate, compare or pseudo-label: they read the same tensors
-    from it, exactly, without decoding the originals again.
+    extract-features, train-joint, evaluate, compare, pseudo-label, predict or explain (with
+    --manifest): they read the same tensors from it, exactly, without decoding the originals again.
 
     Rerunning the same command continues with the shards not yet done; --shard i/n (or torchrun)
     fills one cache from several processes; `chx store verify` checks it and --repair redoes

@@ -89,6 +89,9 @@ def compare(o: CompareOptions, cache: ImagesCacheOption):
     if o.ensemble is not None and any(v is not None for v in pair.values()):
         given = ", ".join(k for k, v in pair.items() if v is not None)
         raise ChxError(f"--ensemble compares an ensemble with its members: drop {given} (or drop --ensemble)")
+    if o.ensemble is not None and o.groups != CompareOptions.groups:
+        raise ChxError(f"--groups {o.groups}: an ensemble records no training class counts, so compare --ensemble "
+                       f"has no head/medium/tail rows: drop --groups")
     if o.ensemble is None and any(v is None for v in pair.values()):
         missing = ", ".join(k for k, v in pair.items() if v is None)
         raise ChxError(f"give --backbone, --fusion and --store (fusion against stage 1; missing: {missing}), or "

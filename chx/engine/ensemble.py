@@ -290,15 +290,21 @@ class EnsemblePredictor:
 
     @classmethod
     def on_manifest(cls, folder: Path, manifest: Path | None, images: Path | None, images_cache: str | None,
-                    split: str, device: str = "auto") -> tuple["EnsemblePredictor", "pl.DataFrame"]:
-        """The ensemble ``folder`` and the manifest it is scored on (evaluate, compare), checked: the
-        same classes, ``split`` present, the images given (a root, an image cache, or both)."""
-        from chx.data.manifest import class_columns, read_manifest
+                    split: str, device: str = "auto") -> tuple["EnsemblePredictor", pl.DataFrame, Path | None]:
+        """(the ensemble ``folder``, the manifest it is scored on, its images root: ``images``, else
+        the one the manifest records unless an image cache is given) for evaluate and compare,
+        checked: the same classes, ``split`` present, images at hand (a root, a cache, or both)."""
+        from chx.data.manifest import class_columns, images_root, read_manifest
         from chx.engine.predictor import use_images_cache
 
-        if manifest is None or (images is None and images_cache is None):
+        if not is_ensemble(folder):
+            raise ChxError(f"{folder} is not an ensemble bundle (a folder with {ENSEMBLE_FILE}, made by `chx "
+                           f"ensemble`)")
+        if manifest is None:
             raise ChxError("an ensemble is scored per study on images: give --manifest and --images (or "
                            "--images-cache)")
+        if images is None and images_cache is None:
+            images = images_root(manifest)    # one line: the manifest records no root, or it is gone
         df = read_manifest(manifest)
         ens = cls.load(folder, device=device)
         use_images_cache(ens, images_cache, images)
@@ -307,7 +313,7 @@ class EnsemblePredictor:
         if split not in available:
             raise ChxError(f"split {split!r} is not in the data (it has: {', '.join(available) or 'no splits'}); "
                            f"use --split with one of them")
-        return ens, df
+        return ens, df, images
 
     @property
     def fusion_config(self) -> dict | None:

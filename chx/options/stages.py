@@ -269,7 +269,8 @@ class ImagesCacheOption:
     images_cache: str | None = option(None, "Image cache from `chx cache-images` (the model's --size and --resize): "
                                             "read the images from it instead of the original files (the same "
                                             "tensors, exactly; the files are then not needed, except for "
-                                            "explain's figures).", metavar="PATH",
+                                            "explain's figures and ensemble members of another size).",
+                                      metavar="PATH",
                                       on_resume="free")
 
 

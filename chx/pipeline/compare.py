@@ -110,12 +110,12 @@ def compare_ensemble(ensemble: Path, manifest: Path | None, images: Path | None,
     Each summary has the bootstrap interval of its mAP, its class-prior baseline and its marks."""
     from chx.engine.ensemble import EnsemblePredictor
 
-    ens, df = EnsemblePredictor.on_manifest(ensemble, manifest, images, images_cache, split, device=device)
+    ens, df, images = EnsemblePredictor.on_manifest(ensemble, manifest, images, images_cache, split, device=device)
     per, combined, labels, ids = ens.score_split(df, split, images, batch_size=batch_size, workers=workers)
     if not ids:
         raise ChxError(f"split {split!r} is empty")
     classes, results, samples = list(ens.class_names), {}, None
-    for name, scores in zip(ens.names, per):
+    for name, scores in zip(row_names(ens.names), per):
         pair = paired_bootstrap(combined, scores, labels, bootstrap, BOOTSTRAP_SEED)   # same resamples for all
         samples = pair["samples"][0]
         row = summarize(scores, labels, classes, bootstrap=bootstrap, samples=pair["samples"][1])
@@ -124,6 +124,12 @@ def compare_ensemble(ensemble: Path, manifest: Path | None, images: Path | None,
     results["ensemble"] = {**summarize(combined, labels, classes, bootstrap=bootstrap, samples=samples),
                            "n_studies": len(ids), "unit": "studies"}
     return results
+
+
+def row_names(names: list[str]) -> list[str]:
+    """Members' names as distinct row names: a name given twice (members in two folders of the same
+    name) or named "ensemble" gets its member number."""
+    return [n if names.count(n) == 1 and n != "ensemble" else f"{n} (member {i + 1})" for i, n in enumerate(names)]
 
 
 MARK_SYMBOLS = {"interval includes the baseline": "≈ baseline", "few positives": "few positives"}

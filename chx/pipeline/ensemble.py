@@ -122,7 +122,7 @@ def evaluate_ensemble(ensemble: Path, out: Path, *, manifest: Path | None, image
     if views != "all":
         raise ChxError("--views is not supported for an ensemble; evaluate its members with --views")
     check_report_folder(Path(out), overwrite)
-    ens, df = EnsemblePredictor.on_manifest(ensemble, manifest, images, images_cache, split, device=device)
+    ens, df, images = EnsemblePredictor.on_manifest(ensemble, manifest, images, images_cache, split, device=device)
     classes = list(ens.class_names)
     available = set(df["split"].drop_nulls().to_list())
 

@@ -21,7 +21,7 @@ import polars as pl
 from chx.atomic import output_lock
 from chx.data.datasets import ImageDataset, label_matrix
 from chx.data.image_cache import open_image_cache
-from chx.data.manifest import class_columns, read_manifest
+from chx.data.manifest import class_columns, images_root, read_manifest
 from chx.data.study_images import StudyImageDataset
 from chx.data.transforms import Preprocess
 from chx.engine.compat import check_fusion_store, leakage_warning, require_same_classes
@@ -74,8 +74,10 @@ class _ManifestScorer(_Scorer):
 
     def __init__(self, ckpt: dict, checkpoint: Path, *, manifest, images, split, views, batch_size, workers,
                  images_cache=None, **_):
-        if manifest is None or (images is None and images_cache is None):
+        if manifest is None:
             raise ChxError(f"a {self.kind} checkpoint is evaluated on images: give --manifest and --images")
+        if images is None and images_cache is None:
+            images = images_root(manifest)    # one line: the manifest records no root, or it is gone
         self.cache = open_image_cache(images_cache, Preprocess.from_dict(ckpt["preprocess"]))   # --images-cache
         self.check_views(views)
         super().__init__(ckpt, views, batch_size, workers)

@@ -42,7 +42,8 @@ from chx.engine.predictor import (FOLDER_CONFIG, FOLDER_WEIGHTS, INTEGRITY_KEY, 
                                   folder_tensors, integrity_record, joint_bundle, load_bundle_file, load_folder_bundle,
                                   make_bundle, require_finite_weights)
 from chx.errors import ChxError
-from chx.models import load_checkpoint, load_model, save_checkpoint
+from chx.models import eval_weights, load_checkpoint, load_model, save_checkpoint, weights_hash
+from chx.models.joint import joint_parts
 from chx.pipeline.report import md_cell
 from chx.store import precision_option
 
@@ -273,10 +274,20 @@ def _max_difference(torch_predictor, onnx_predictor, folder: Path) -> float:
 
 def _runs(bundle: dict) -> list[tuple[str, Path, dict]]:
     """(kind, checkpoint path, checkpoint) of each run that made the bundle, in training order; none
-    for a bundle read from an export folder, or whose checkpoints are no longer where it recorded them
-    (an ensemble's member)."""
-    return [(kind, Path(path), load_checkpoint(path, kind=kind)) for kind, path in (bundle.get("sources") or {}).items()
-            if Path(path).is_file()]
+    for a bundle read from an export folder. A recorded path that no longer holds the checkpoint
+    whose weights the bundle carries (gone, replaced, relative to another folder: an ensemble's
+    member exported later) is left out, so that a card never describes another model."""
+    runs = []
+    for kind, path in (bundle.get("sources") or {}).items():
+        try:
+            ckpt = load_checkpoint(path, kind=kind)
+        except ChxError:
+            continue
+        weights = eval_weights(ckpt)
+        part = joint_parts(ckpt, weights)["backbone"]["state_dict"] if kind == "joint" else weights
+        if weights_hash(part) == weights_hash(bundle["backbone" if kind == "joint" else kind]["state_dict"]):
+            runs.append((kind, Path(path), ckpt))
+    return runs
 
 
 def _shown(path, out: Path, keep: int = 1) -> str:
@@ -364,8 +375,9 @@ def model_card(bundle: dict, out: Path, specs: dict[str, list[OptionSpec]], expo
     """README.md of the Hugging Face folder ``out`` (YAML front matter, then Markdown); ``export``: the
     export command's options when they are not the checkpoints' (:func:`_commands`)."""
     runs = _runs(bundle)
-    # the fusion (or joint) model: the study's output (no run at hand: what the bundle itself holds)
-    final_kind, final_path, final = runs[-1] if runs else ("fusion", None, {})
+    # the fusion (or joint) model: the study's output (no run at hand: what the bundle itself holds;
+    # a stage-1 run alone scored images, not studies)
+    final_kind, final_path, final = runs[-1] if runs and runs[-1][0] != "backbone" else ("fusion", None, {})
     classes = list(bundle["class_names"])
     pre = bundle["backbone"]["preprocess"]
     features = bundle["features"]

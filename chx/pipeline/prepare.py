@@ -8,9 +8,10 @@ import polars as pl
 
 from chx.data.adapters import ADAPTERS, get_adapter, merged_options, refuse_foreign_options
 from chx.data.classes import NAMED_CLASS_LISTS, frequency_groups, resolve_classes
-from chx.data.manifest import images_root, recorded_images_root, summarize, validate, write_manifest
+from chx.data.manifest import images_root, summarize, validate, write_manifest
 from chx.data.splits import assign_splits
 from chx.data.views import VIEWS
+from chx.errors import ChxError
 
 
 def prepare(dataset: str, sources: list[Path], out: Path, *, classes: str | None = None,
@@ -83,9 +84,13 @@ def check_adapter(dataset: str, given: list[str]):
 def images_of(manifest, images, *, required: bool = True):
     """``images`` (--images) when given, else the images root ``manifest`` records (`chx prepare
     --images`; one line when it records none or it no longer exists). ``required=False``: None when
-    it records none."""
+    it records none or it no longer exists (``--images-cache`` reads no file: a manifest and its
+    cache copied to a machine without the images)."""
     if manifest is None or images:
         return images
-    if not required and recorded_images_root(manifest) is None:
-        return images
+    if not required:
+        try:
+            return images_root(manifest)
+        except ChxError:
+            return images
     return images_root(manifest)
