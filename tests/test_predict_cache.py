@@ -196,3 +196,27 @@ def test_compare_an_ensemble_refusals_and_distinct_row_names(capsys, setup, tmp_
     one_line(code, err, "--groups", "drop --groups")
     assert row_names(["a/m.chx", "b", "a/m.chx", "ensemble"]) == ["a/m.chx (member 1)", "b", "a/m.chx (member 3)",
                                                                   "ensemble (member 4)"]
+
+
+def test_compare_and_evaluate_an_ensemble_in_their_own_process(setup, tmp_path):
+    """`chx compare --ensemble` and `chx evaluate` of an ensemble as the console script with default
+    workers (batches of 4, so that they start), from the image cache: exit 0, the table, the
+    same figures from both, no process left; a folder that is no ensemble: one line."""
+    from test_cli_subprocess import one_error_line, run as run_subprocess
+
+    s = setup
+    code, _, err = run_subprocess("ensemble", s["bundle"], s["stage1"], "-o", tmp_path / "ens")
+    assert code == 0, err[-2000:]
+    data = ["--manifest", s["val"], "--images-cache", s["cache"], "--split", "val", "--batch-size", "4",
+            "--bootstrap", "100"]
+    code, out, err = run_subprocess("compare", "--ensemble", tmp_path / "ens", *data, "-o", tmp_path / "c.md")
+    assert code == 0, err[-2000:]
+    assert "ensemble − member [95 % CI]" in out and f"| ensemble | {STUDIES} |" in out
+    code, out, err = run_subprocess("evaluate", "--checkpoint", tmp_path / "ens", *data, "-o", tmp_path / "ev")
+    assert code == 0, err[-2000:]
+    compared = json.loads((tmp_path / "c.json").read_text())
+    rows = json.loads((tmp_path / "ev" / "metrics.json").read_text())["members"]
+    assert [r["mAP"] for r in rows] == pytest.approx([compared[r["model"]]["mAP"] for r in rows], abs=1e-12)
+    code, _, err = run_subprocess("compare", "--ensemble", s["tmp"], *data)
+    assert code == 2
+    one_error_line(err, "is not an ensemble bundle")
