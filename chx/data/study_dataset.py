@@ -37,7 +37,8 @@ In a plain shard-local order every worker gets batches from every shard of the b
 shard is read once per worker: ``num_workers`` times the reads (mostly from the page cache) and
 the memory. ``ShardShuffleSampler(..., lanes=num_workers, batch_size=batch_size)`` deals each
 shard's batches to one worker, so each shard is read once in all, and a worker then needs only
-about ``buffer_shards // lanes + 2`` cached shards.
+about ``buffer_shards // lanes + 2`` cached shards. `chx train-fusion` streams so (one lane per
+worker, ``--buffer-shards`` shards mixed per lane, the lanes recorded with the run for its resume).
 """
 
 from __future__ import annotations

@@ -40,12 +40,15 @@ class Objective:
 
 def make_objective(train_labels: np.ndarray, class_names: list[str], *, balance: bool, seed: int,
                    ddp: Distributed, unit: str = "image", warn=None, shard_of_item: np.ndarray | None = None,
-                   buffer_shards: int = 4, loss: str = DEFAULT_LOSS, **loss_options) -> Objective:
+                   buffer_shards: int = 4, lanes: int = 1, batch_size: int = 1, loss: str = DEFAULT_LOSS,
+                   **loss_options) -> Objective:
     """Prior, loss and sampler from the training labels [N, K] (NaN = not annotated). ``warn`` gets a
     message naming classes without a positive ``unit`` (they cannot be learned).
 
     Sampler: class-aware with ``balance``; else a shard-local shuffle when ``shard_of_item`` (each
-    item's store shard: a streaming reader) is given; else a plain shuffle. ``loss``: a name of
+    item's store shard: a streaming reader) is given, dealt into ``lanes`` streams of ``batch_size``
+    batches (one per DataLoader worker: each shard read by one worker), each stream mixing
+    ``buffer_shards`` shards at a time (:class:`ShardShuffleSampler`); else a plain shuffle. ``loss``: a name of
     :data:`chx.losses.LOSSES`, built on the prior with ``loss_options`` (e.g. ``soft_targets``)."""
     train_labels = np.asarray(train_labels, dtype=np.float32)
     counts = np.nansum(train_labels >= 0.5, axis=0)
@@ -59,7 +62,8 @@ def make_objective(train_labels: np.ndarray, class_names: list[str], *, balance:
     if balance:
         sampler = ClassAwareSampler(train_labels, **kw)
     elif shard_of_item is not None:
-        sampler = ShardShuffleSampler(np.asarray(shard_of_item), buffer_shards=buffer_shards, **kw)
+        sampler = ShardShuffleSampler(np.asarray(shard_of_item), buffer_shards=buffer_shards * lanes, lanes=lanes,
+                                      batch_size=batch_size, **kw)
     else:
         sampler = ShuffleSampler(len(train_labels), **kw)
     return Objective(prior, counts, loss_fn, sampler)

@@ -88,6 +88,16 @@ class RunFolder:
         for p in self.checkpoints()[:-keep]:
             p.unlink(missing_ok=True)
 
+    def read_config(self) -> dict:
+        """config.json of the run ({} when absent or unreadable: a run of an older chx, or none yet)."""
+        import json
+
+        try:
+            config = json.loads((self.out / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return config if isinstance(config, dict) else {}
+
     def write_config(self, config: dict) -> None:
         with atomic_path(self.out / "config.json") as tmp:
             tmp.write_text(json_text(config, indent=2, default=str))
